@@ -1,0 +1,64 @@
+"""How to lower: an exported program to an ExecuTorch program, for one backend recipe."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import torch
+from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+from executorch.exir.passes import MemoryPlanningPass
+from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
+
+BACKENDS = ("portable", "xnnpack")
+
+
+def partitioners(backend: str) -> list:
+    if backend == "portable":
+        return []
+    if backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+        return [XnnpackPartitioner()]
+    raise ValueError(f"unknown backend {backend!r}")
+
+
+def export(module: torch.nn.Module, example_inputs: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
+    with torch.no_grad():
+        return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
+
+
+def lower(program: torch.export.ExportedProgram, backend: str, constant_methods: dict):
+    """Edge dialect + backend delegation + ExecuTorch memory planning."""
+    edge = to_edge_transform_and_lower(
+        program,
+        partitioner=partitioners(backend),
+        compile_config=EdgeCompileConfig(_check_ir_validity=False),
+        constant_methods=constant_methods,
+    )
+    return edge.to_executorch(
+        ExecutorchBackendConfig(
+            extract_delegate_segments=True,
+            # Inputs come from the caller's buffers; planning them would copy every call.
+            memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
+            # Plan dynamic-shape tensors at their upper bound, not by symbolic guess.
+            sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
+        )
+    )
+
+
+def write_atomically(program, output: Path) -> int:
+    """Write next to ``output`` and rename: an interrupted export never leaves a truncated file."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
+    try:
+        with os.fdopen(handle, "wb") as file:
+            program.write_to_file(file)
+            file.flush()
+            os.fsync(file.fileno())
+        os.replace(temporary, output)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return output.stat().st_size

@@ -1,0 +1,57 @@
+"""The metadata embedded in every program as ExecuTorch constant methods: the one list of keys.
+
+The runner keys are the names ExecuTorch's stock LLM runner (``TextLLMRunner``) reads; the
+``gemma3n_*`` keys are ours, so ``validate.py`` and ``generate.py`` know what to expect without
+flags.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+from .variants import BOS_ID, END_OF_TURN_ID, EOS_ID
+
+# Read by executorch.extension.llm.runner.TextLLMRunner.
+RUNNER_MAX_SEQ_LEN = "get_max_seq_len"
+RUNNER_MAX_CONTEXT_LEN = "get_max_context_len"
+RUNNER_VOCAB_SIZE = "get_vocab_size"
+RUNNER_BOS_ID = "get_bos_id"
+RUNNER_EOS_IDS = "get_eos_ids"
+RUNNER_USE_KV_CACHE = "use_kv_cache"
+RUNNER_DYNAMIC_SHAPE = "enable_dynamic_shape"
+
+PREFIX = "gemma3n_"
+
+
+@dataclass(frozen=True)
+class ProgramInfo:
+    """What a program is; stored under ``gemma3n_<field>`` constant methods."""
+
+    variant: str  # "E2B" / "E4B"
+    source: str  # "tiny", a hub id or a directory
+    mode: str  # "fixed" / "kv"
+    seq_len: int  # fixed: the window; kv: max_seq_len (tokens the cache holds)
+    vocab_size: int
+    dtype: str  # "fp32" / "bf16" / "fp16"
+    quantize: str  # "none" / "int8" / "8da4w"
+    quantize_embeddings: str  # "none" / "8w" / "4w"
+    group_size: int
+    backend: str  # "portable" / "xnnpack"
+
+    def constant_methods(self) -> dict:
+        methods = {PREFIX + name: value for name, value in asdict(self).items()}
+        if self.mode == "kv":
+            methods.update({
+                RUNNER_MAX_SEQ_LEN: self.seq_len,
+                RUNNER_MAX_CONTEXT_LEN: self.seq_len,
+                RUNNER_VOCAB_SIZE: self.vocab_size,
+                RUNNER_BOS_ID: BOS_ID,
+                RUNNER_EOS_IDS: [EOS_ID, END_OF_TURN_ID],
+                RUNNER_USE_KV_CACHE: True,
+                RUNNER_DYNAMIC_SHAPE: True,
+            })
+        return methods
+
+    @classmethod
+    def method_names(cls) -> list[str]:
+        return [PREFIX + f.name for f in fields(cls)]

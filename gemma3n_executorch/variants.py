@@ -1,0 +1,94 @@
+"""The variant table: the one place that says what E2B and E4B are.
+
+Each variant names its Hugging Face checkpoint, its output file stem, the real text-decoder
+architecture (for random-weight benchmarks) and a tiny architecture of the same shape (for the
+offline demo and the tests). The tiny shapes keep what distinguishes the variants: E4B is deeper,
+shares the KV of more layers and has a wider MLP.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SHARED_ARCHITECTURES = REPO_ROOT.parent / "shared" / "gemma3n"
+
+TINY_MODEL = "tiny"  # the --model value that selects the built-in random-weight demo model
+
+# Token ids of the real Gemma 3n tokenizer; the tiny tokenizer keeps them.
+PAD_ID, EOS_ID, BOS_ID, START_OF_TURN_ID, END_OF_TURN_ID = 0, 1, 2, 105, 106
+
+
+def _tiny_layer_types(num_layers: int, full_every: int) -> list[str]:
+    return ["full_attention" if (i + 1) % full_every == 0 else "sliding_attention" for i in range(num_layers)]
+
+
+@dataclass(frozen=True)
+class Variant:
+    name: str  # "E2B"
+    hub_id: str
+    architecture_file: str  # text_config of the published checkpoint, in ../shared/gemma3n/
+    tiny_config: dict = field(repr=False)
+
+    @property
+    def key(self) -> str:
+        return self.name.lower()
+
+    def output_stem(self, model: str) -> str:
+        tiny = "-tiny-random" if model == TINY_MODEL else ""
+        return f"Gemma3n-{self.name}-IT{tiny}-text-only"
+
+    def real_text_config(self) -> dict:
+        path = SHARED_ARCHITECTURES / self.architecture_file
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found: the real architectures live in ../shared/gemma3n/ beside the repo")
+        return json.loads(path.read_text())
+
+
+def _tiny(num_layers: int, num_kv_shared: int, intermediate: int) -> dict:
+    """A few-hundred-kilobyte Gemma 3n text decoder with every feature of the real one.
+
+    Sliding window 16 is far below the prompt + generated lengths the tests use, so the
+    window really slides; the per-layer-embedding vocabulary is smaller than the token
+    vocabulary, as in the real model, so out-of-table ids take the real code path.
+    """
+    return dict(
+        vocab_size=512,
+        vocab_size_per_layer_input=480,
+        hidden_size=64,
+        intermediate_size=[intermediate] * num_layers,
+        num_hidden_layers=num_layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        hidden_size_per_layer_input=16,
+        laurel_rank=8,
+        altup_num_inputs=4,
+        sliding_window=16,
+        layer_types=_tiny_layer_types(num_layers, full_every=3),
+        num_kv_shared_layers=num_kv_shared,
+        activation_sparsity_pattern=[0.95] * 2 + [0.0] * (num_layers - 2),
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+        },
+        final_logit_softcapping=30.0,
+        max_position_embeddings=32768,
+        pad_token_id=PAD_ID,
+        eos_token_id=[EOS_ID, END_OF_TURN_ID],
+        bos_token_id=BOS_ID,
+        tie_word_embeddings=True,
+    )
+
+
+VARIANTS: dict[str, Variant] = {
+    v.key: v
+    for v in (
+        # E2B: 30 layers, the last 10 share KV  -> tiny: 6 layers, last 2 share.
+        Variant("E2B", "google/gemma-3n-E2B-it", "e2b-text-config.json", _tiny(6, 2, 128)),
+        # E4B: 35 layers, the last 15 share KV  -> tiny: 7 layers, last 3 share; MLP twice as wide.
+        Variant("E4B", "google/gemma-3n-E4B-it", "e4b-text-config.json", _tiny(7, 3, 256)),
+    )
+}

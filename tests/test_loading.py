@@ -1,0 +1,47 @@
+"""Both checkpoint layouts load the text decoder only, with the same weights and logits."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from gemma3n_executorch import checkpoint
+from gemma3n_executorch.progress import UserError
+from gemma3n_executorch.variants import VARIANTS
+from tests.checkpoints import write_multimodal, write_text_only
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("variant", ["e2b", "e4b"])
+@pytest.mark.parametrize("writer", [write_text_only, write_multimodal], ids=["text-only", "multimodal"])
+def test_layouts_load_same_logits(tmp_path, tiny_models, variant, writer):
+    reference = tiny_models(variant)
+    directory = writer(reference, tmp_path / "checkpoint")
+    loaded = checkpoint.load(str(directory), VARIANTS[variant], torch.float32)
+    assert loaded.num_parameters == reference.num_parameters()
+    assert loaded.config.num_hidden_layers == reference.config.num_hidden_layers
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, reference(ids).logits)
+
+
+def test_multimodal_layout_loads_without_timm(tmp_path, tiny_models):
+    directory = write_multimodal(tiny_models("e2b"), tmp_path / "checkpoint")
+    # timm (needed by the vision tower) must not be imported, even if it were installed.
+    code = ("import sys, torch; sys.modules['timm'] = None; sys.path.insert(0, sys.argv[2]);"
+            "from gemma3n_executorch import checkpoint; from gemma3n_executorch.variants import VARIANTS;"
+            "m = checkpoint.load(sys.argv[1], VARIANTS['e2b'], torch.float32); print(m.num_parameters)")
+    result = subprocess.run([sys.executable, "-c", code, str(directory), str(REPO)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) == tiny_models("e2b").num_parameters()
+
+
+def test_wrong_model_type_is_refused(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    with pytest.raises(UserError, match="not Gemma 3n"):
+        checkpoint.load(str(tmp_path), VARIANTS["e2b"], torch.float32)
