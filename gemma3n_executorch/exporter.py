@@ -1,48 +1,23 @@
-"""The staged export pipeline (load, patch, wrap, quantize, export, lower, serialize) and its CLI.
+"""The staged export pipeline (load, patch, quantize, export, lower, serialize) and its CLI.
 
-``e2b/export.py`` and ``e4b/export.py`` call ``main(variant)``; everything else lives here.
+``e2b/export.py`` and ``e4b/export.py`` call ``main(variant)``. Arguments and paths are checked
+before torch, transformers and executorch are imported, so bad input fails at once.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
-from . import checkpoint, lowering, quantize, tasks
-from .metadata import ProgramInfo
+from . import preflight
+from .options import (BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_SEQ_LEN, DEFAULT_SEQ_LEN, DTYPES,
+                      EMBEDDING_SCHEMES, FIXED, KV, LINEAR_SCHEMES, MODE_DEFAULTS, MODES, ExportOptions)
 from .progress import StageTimer, UserError, gib, human_bytes, log, peak_rss_bytes
 from .variants import TINY_MODEL, Variant
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TOKENIZER_SUFFIX = ".tokenizer.json"
-
-
-@dataclass(frozen=True)
-class ExportOptions:
-    model: str
-    mode: str
-    dtype: str
-    quantize: str
-    quantize_embeddings: str
-    group_size: int
-    backend: str
-    seq_len: int  # fixed: window length; kv: max_seq_len
-
-
-# --mode fixed keeps the original project's contract; --mode kv defaults are chosen for phones.
-MODE_DEFAULTS = {
-    tasks.FIXED: dict(dtype="bf16", quantize="none", quantize_embeddings="none", backend="portable"),
-    tasks.KV: dict(dtype="fp32", quantize="none", quantize_embeddings="none", backend="portable"),
-}
-DEFAULT_SEQ_LEN = 32
-DEFAULT_MAX_SEQ_LEN = 2048
-DEFAULT_GROUP_SIZE = 32
 
 
 def tokenizer_path_for(pte: Path) -> Path:
@@ -51,7 +26,7 @@ def tokenizer_path_for(pte: Path) -> Path:
 
 def default_output(variant: Variant, options: ExportOptions) -> Path:
     parts = [variant.output_stem(options.model)]
-    if options.mode == tasks.KV:
+    if options.mode == KV:
         parts.append("kv")
     if options.quantize != "none":
         parts.append(options.quantize)
@@ -62,20 +37,19 @@ def default_output(variant: Variant, options: ExportOptions) -> Path:
     return Path("-".join(parts) + ".pte")
 
 
-def wrap(model: torch.nn.Module, options: ExportOptions) -> torch.nn.Module:
-    if options.mode == tasks.FIXED:
-        return tasks.FixedWindowLM(model, options.seq_len).eval()
-    return tasks.KVCacheLM(model, options.seq_len).eval()
-
-
-def prepare(loaded: checkpoint.LoadedModel, options: ExportOptions, timer: StageTimer) -> torch.nn.Module:
+def prepare(model, options: ExportOptions, timer: StageTimer):
     """Patch, wrap and quantize an eager model: the module that gets exported."""
     import patches
 
+    from . import quantize, tasks
+
     with timer.stage("patch"):
-        applied = patches.apply(loaded.model)
+        applied = patches.apply(model)
         log(f"  runtime fixes in force: {', '.join(applied) or 'none needed'}")
-    module = wrap(loaded.model, options)
+    if options.mode == FIXED:
+        module = tasks.FixedWindowLM(model, options.seq_len).eval()
+    else:
+        module = tasks.KVCacheLM(model, options.seq_len).eval()
     with timer.stage("quantize"):
         quantize.apply(module, options.quantize, options.quantize_embeddings, options.group_size)
     return module
@@ -83,11 +57,14 @@ def prepare(loaded: checkpoint.LoadedModel, options: ExportOptions, timer: Stage
 
 def export_program(variant: Variant, options: ExportOptions, output: Path, timer: StageTimer | None = None) -> dict:
     """Run every stage and write ``output``; return the summary figures."""
+    from . import checkpoint, lowering
+    from .metadata import ProgramInfo
+
     timer = timer or StageTimer()
     with timer.stage("load"):
-        loaded = checkpoint.load(options.model, variant, DTYPES[options.dtype])
+        loaded = checkpoint.load(options.model, variant, checkpoint.TORCH_DTYPES[options.dtype])
         log(f"  {loaded.num_parameters / 1e6:.1f} M text parameters from {loaded.source}")
-    module = prepare(loaded, options, timer)
+    module = prepare(loaded.model, options, timer)
     info = ProgramInfo(
         variant=variant.name, source=loaded.source, mode=options.mode, seq_len=options.seq_len,
         vocab_size=loaded.config.vocab_size, dtype=options.dtype, quantize=options.quantize,
@@ -100,16 +77,15 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
     with timer.stage("serialize"):
         size = lowering.write_atomically(program, output)
         tokenizer = write_tokenizer(loaded, output)
-    summary = {
+    return {
         "output": str(output), "bytes": size, "parameters": loaded.num_parameters,
-        "kv_cache_bytes": module.kv_cache_bytes() if isinstance(module, tasks.KVCacheLM) else 0,
+        "kv_cache_bytes": module.kv_cache_bytes() if options.mode == KV else 0,
         "tokenizer": str(tokenizer) if tokenizer else None, "peak_rss_bytes": peak_rss_bytes(),
         "seconds": dict(timer.seconds), "total_seconds": timer.total,
     }
-    return summary
 
 
-def write_tokenizer(loaded: checkpoint.LoadedModel, output: Path) -> Path | None:
+def write_tokenizer(loaded, output: Path) -> Path | None:
     """Put the checkpoint's tokenizer.json beside the program, where generate.py and the runner look."""
     target = tokenizer_path_for(output)
     if loaded.directory is None:
@@ -134,22 +110,22 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
                         help=f"hub id or local checkpoint directory (default {variant.hub_id}); "
                              f"'{TINY_MODEL}' builds a random-weight tiny model offline")
     parser.add_argument("--output", type=Path, help="where to write the .pte (default: named after the options)")
-    parser.add_argument("--mode", choices=tasks.MODES, default=tasks.FIXED,
+    parser.add_argument("--mode", choices=MODES, default=FIXED,
                         help="fixed: stateless fixed-window forward; kv: KV-cache program for generation")
-    parser.add_argument("--dtype", choices=DTYPES, help="fixed default bf16; kv default fp32")
-    parser.add_argument("--quantize", choices=quantize.LINEAR_SCHEMES, help="linear-layer quantization")
-    parser.add_argument("--quantize-embeddings", choices=quantize.EMBEDDING_SCHEMES,
+    parser.add_argument("--dtype", choices=DTYPES, help="default: fixed bf16, kv fp32")
+    parser.add_argument("--quantize", choices=LINEAR_SCHEMES, help="linear-layer quantization")
+    parser.add_argument("--quantize-embeddings", choices=EMBEDDING_SCHEMES,
                         help="token and per-layer embedding tables (and the tied lm_head)")
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4 group size (8da4w, 4w)")
-    parser.add_argument("--backend", choices=lowering.BACKENDS, help="portable kernels or XNNPACK delegation")
+    parser.add_argument("--backend", choices=BACKENDS, help="portable kernels or XNNPACK delegation")
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="fixed mode: window length")
     parser.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
                         help="kv mode: tokens the cache holds (prompt + generated)")
     args = parser.parse_args(argv)
     defaults = MODE_DEFAULTS[args.mode]
-    length = args.seq_len if args.mode == tasks.FIXED else args.max_seq_len
-    if length < 1:
-        parser.error("--seq-len / --max-seq-len must be at least 1")
+    length = args.seq_len if args.mode == FIXED else args.max_seq_len
+    if length < 2:
+        parser.error("--seq-len / --max-seq-len must be at least 2")
     if args.group_size < 1:
         parser.error("--group-size must be at least 1")
     options = ExportOptions(
@@ -161,29 +137,18 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
         backend=args.backend or defaults["backend"],
         seq_len=length,
     )
-    output = args.output or default_output(variant, options)
-    if output.suffix != ".pte":
-        parser.error(f"--output {output}: the file name must end in .pte")
-    return options, output
-
-
-def check_writable(output: Path) -> None:
-    directory = output.parent if str(output.parent) else Path(".")
-    if output.is_dir():
-        raise UserError(f"--output {output} is a directory; give a file name ending in .pte")
-    if not directory.is_dir():
-        raise UserError(f"--output {output}: directory {directory} does not exist; create it first")
-    if not os.access(directory, os.W_OK | os.X_OK):
-        raise UserError(f"--output {output}: cannot write to {directory}; choose a writable location")
+    return options, args.output or default_output(variant, options)
 
 
 def main(variant: Variant, argv: list[str] | None = None) -> int:
     options, output = parse_args(variant, argv)
     try:
-        check_writable(output)
+        preflight.check_output(output)
+        if options.model != TINY_MODEL:
+            preflight.local_checkpoint(options.model)
         log(f"exporting Gemma 3n {variant.name} ({options.model}) -> {output}: mode {options.mode}, "
             f"{options.dtype}, quantize {options.quantize}, embeddings {options.quantize_embeddings}, "
-            f"backend {options.backend}, {'max_seq_len' if options.mode == tasks.KV else 'seq_len'} {options.seq_len}")
+            f"backend {options.backend}, {'max_seq_len' if options.mode == KV else 'seq_len'} {options.seq_len}")
         summary = export_program(variant, options, output)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

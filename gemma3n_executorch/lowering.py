@@ -11,8 +11,6 @@ from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_
 from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-BACKENDS = ("portable", "xnnpack")
-
 
 def partitioners(backend: str) -> list:
     if backend == "portable":
@@ -57,6 +55,9 @@ def write_atomically(program, output: Path) -> int:
             program.write_to_file(file)
             file.flush()
             os.fsync(file.fileno())
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; the result should not be
         os.replace(temporary, output)
     except BaseException:
         Path(temporary).unlink(missing_ok=True)

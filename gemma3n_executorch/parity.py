@@ -22,9 +22,10 @@ class Tolerance:
 def tolerance_for(dtype: str, quantize: str, quantize_embeddings: str) -> Tolerance:
     if dtype == "fp32" and quantize == "none" and quantize_embeddings == "none":
         return Tolerance(min_top1=0.99, max_abs=1e-3)
-    if quantize in ("none", "int8") and quantize_embeddings == "none":
-        return Tolerance(min_top1=0.95)
-    return Tolerance(min_top1=0.90)  # 8da4w / quantized embeddings: dynamic activation rounding differs
+    # Two bf16 implementations of the tiny random model agree on the argmax at 0.94-0.965 of
+    # positions (Hugging Face eager attention vs SDPA, both bf16: 0.941 over 256 positions; the
+    # exported program vs eager: 0.941 for tiny E2B, 0.965 for tiny E4B), so the bound sits below.
+    return Tolerance(min_top1=0.90)
 
 
 @dataclass(frozen=True)
@@ -51,6 +52,20 @@ def compare(logits: torch.Tensor, reference: torch.Tensor) -> Agreement:
     )
 
 
-def probe_tokens(length: int, vocab_size: int, bos_id: int) -> list[int]:
-    """A deterministic token sequence spread over the vocabulary, starting with BOS."""
-    return [bos_id] + [(i * 7919 + 13) % vocab_size for i in range(1, length)]
+def probe_tokens(length: int, vocab_size: int, bos_id: int, seed: int = 0) -> list[int]:
+    """A deterministic pseudo-random token sequence starting with BOS."""
+    generator = torch.Generator().manual_seed(1234 + seed)
+    return [bos_id] + torch.randint(3, vocab_size, (length - 1,), generator=generator).tolist()
+
+
+PROBE_WINDOWS = 8  # fixed programs are judged on 8 windows: 256 positions at seq_len 32
+
+
+def eager_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    """Hugging Face ``generate(do_sample=False)`` for exactly ``new_tokens`` tokens, EOS included:
+    stop ids neither end nor (as ``min_new_tokens`` would) get suppressed, like a program's raw loop."""
+    from transformers import GenerationConfig
+
+    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
+    with torch.no_grad():
+        return model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()

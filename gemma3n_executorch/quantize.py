@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
-LINEAR_SCHEMES = ("none", "int8", "8da4w")
-EMBEDDING_SCHEMES = ("none", "8w", "4w")
 
 
 def _is_linear(module: nn.Module, _fqn: str) -> bool:

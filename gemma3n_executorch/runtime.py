@@ -2,37 +2,15 @@
 
 from __future__ import annotations
 
-import struct
 from pathlib import Path
 
 import torch
+from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  kernels for llama::update_cache, custom_sdpa
 
-from . import tasks
+from . import preflight
+from .options import KV
 from .metadata import PREFIX, ProgramInfo
 from .progress import UserError
-
-ET_MAGIC = b"ET"  # flatbuffer file identifier "ETxx" at bytes 4..8
-EXTENDED_HEADER_MAGIC = b"eh00"
-
-
-def check_file(path: Path) -> None:
-    """Reject what is plainly not a complete .pte before the runtime sees it."""
-    if not path.exists():
-        raise UserError(f"{path}: no such file")
-    if not path.is_file():
-        raise UserError(f"{path}: not a file")
-    if path.suffix != ".pte":
-        raise UserError(f"{path}: not a .pte file; pass a program written by e2b/export.py or e4b/export.py")
-    with path.open("rb") as file:
-        head = file.read(40)
-    if len(head) < 8 or head[4:6] != ET_MAGIC:
-        raise UserError(f"{path}: not an ExecuTorch program (bad header); re-export it")
-    if head[8:12] == EXTENDED_HEADER_MAGIC:
-        program_size, segment_base, segment_size = struct.unpack_from("<QQQ", head, 16)
-        expected = max(program_size, segment_base + segment_size)
-        if path.stat().st_size < expected:
-            raise UserError(f"{path}: truncated ({path.stat().st_size} of {expected} bytes); re-export it")
-
 
 class Program:
     """An exported Gemma 3n program loaded through ``executorch.runtime``."""
@@ -41,7 +19,7 @@ class Program:
         from executorch.runtime import Runtime, Verification
 
         self.path = Path(path)
-        check_file(self.path)
+        preflight.check_program_file(self.path)
         try:
             self._program = Runtime.get().load_program(self.path, verification=Verification.InternalConsistency)
         except RuntimeError as error:
@@ -71,7 +49,7 @@ class Program:
 
     def step(self, tokens: list[int]) -> torch.Tensor:
         """Append ``tokens`` at the current position in one call; logits of the last one, [vocab]."""
-        self.require_mode(tasks.KV)
+        self.require_mode(KV)
         if self.position + len(tokens) > self.info.seq_len:
             raise UserError(
                 f"{self.position + len(tokens)} tokens do not fit the program's max_seq_len {self.info.seq_len}; "

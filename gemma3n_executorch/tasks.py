@@ -16,10 +16,6 @@ from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextAttention, a
 
 from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers torch.ops.llama.*
 
-FIXED = "fixed"
-KV = "kv"
-MODES = (FIXED, KV)
-
 
 class FixedWindowLM(nn.Module):
     def __init__(self, model: nn.Module, seq_len: int):
@@ -71,13 +67,10 @@ class CachedAttention(nn.Module):
         return torch.where(visible, 0.0, float("-inf")).to(torch.float32)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, shared_kv_states=None,
-                position_ids=None, **kwargs):
+                position_ids=None, start_pos=None, **kwargs):
         batch, length, _ = hidden_states.shape
         per_head = (batch, length, -1, self.head_dim)
         cos, sin = position_embeddings
-        start_pos = position_ids[0, 0].item()
-        torch._check_is_size(start_pos)
-        torch._check(start_pos + length <= self.max_seq_len)
 
         query = apply_rotary_pos_emb(self.q_norm(self.q_proj(hidden_states).view(per_head)), cos, sin, unsqueeze_dim=2)
         if self.owns_cache:
@@ -110,12 +103,18 @@ class KVCacheLM(nn.Module):
         self._no_masks = {layer_type: None for layer_type in set(model.config.layer_types)}
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
+        # One symbolic start position for every layer: each extra .item() is another unbacked
+        # symbol that export and lowering must reason about.
+        start_pos = input_pos[0].item()
+        torch._check(start_pos >= 0)
+        torch._check(start_pos + tokens.shape[1] <= self.max_seq_len)
         output = self.model(
             input_ids=tokens,
             position_ids=input_pos.unsqueeze(0),
             attention_mask=self._no_masks,
             use_cache=False,
             logits_to_keep=1,
+            start_pos=start_pos,  # Hugging Face passes extra keyword arguments down to attention
         )
         return output.logits[:, -1, :]
 

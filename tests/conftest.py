@@ -9,14 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from gemma3n_executorch import checkpoint  # noqa: E402
-from gemma3n_executorch.variants import VARIANTS  # noqa: E402
-
-PROBE_WINDOWS = 8  # fixed programs are judged on 8 windows of random tokens (256 positions)
+from gemma3n_executorch import checkpoint, parity  # noqa: E402
+from gemma3n_executorch.variants import BOS_ID, VARIANTS  # noqa: E402
 
 
 def run(script: str, *args: str, cwd: Path = REPO, check: bool = False) -> subprocess.CompletedProcess:
@@ -29,25 +28,29 @@ def run(script: str, *args: str, cwd: Path = REPO, check: bool = False) -> subpr
 
 
 class ProgramCache:
-    """Exports each distinct configuration once for the whole session."""
+    """Exports each distinct configuration once per test run, shared by all pytest-xdist workers:
+    the first worker to ask exports under a file lock, the others wait and reuse the file."""
 
     def __init__(self, directory: Path):
         self.directory = directory
-        self.paths: dict[tuple, Path] = {}
 
     def get(self, variant: str, *flags: str) -> Path:
-        key = (variant, *flags)
-        if key not in self.paths:
-            name = "-".join([variant, *(f.lstrip("-") for f in flags)]) or variant
-            output = self.directory / f"{name}.pte"
-            run(f"{variant}/export.py", "--model", "tiny", "--output", str(output), *flags, check=True)
-            self.paths[key] = output
-        return self.paths[key]
+        name = "-".join([variant, *(f.lstrip("-") for f in flags)])
+        output = self.directory / f"{name}.pte"
+        with FileLock(str(output) + ".lock"):
+            if not output.exists():
+                run(f"{variant}/export.py", "--model", "tiny", "--output", str(output), *flags, check=True)
+        return output
 
 
 @pytest.fixture(scope="session")
-def programs(tmp_path_factory) -> ProgramCache:
-    return ProgramCache(tmp_path_factory.mktemp("programs"))
+def programs(tmp_path_factory, worker_id) -> ProgramCache:
+    # getbasetemp() is per worker under xdist; its parent is shared by the whole run.
+    root = tmp_path_factory.getbasetemp()
+    shared = root.parent if worker_id != "master" else root
+    directory = shared / "programs"
+    directory.mkdir(exist_ok=True)
+    return ProgramCache(directory)
 
 
 @pytest.fixture(scope="session")
@@ -63,7 +66,5 @@ def tiny_models():
     return get
 
 
-def probe_batches(seq_len: int, vocab_size: int, windows: int = PROBE_WINDOWS) -> list[torch.Tensor]:
-    generator = torch.Generator().manual_seed(1234)
-    return [torch.cat([torch.tensor([[2]]), torch.randint(3, vocab_size, (1, seq_len - 1), generator=generator)], 1)
-            for _ in range(windows)]
+def probe_batches(seq_len: int, vocab_size: int, windows: int = parity.PROBE_WINDOWS) -> list[torch.Tensor]:
+    return [torch.tensor([parity.probe_tokens(seq_len, vocab_size, BOS_ID, seed)]) for seed in range(windows)]

@@ -1,0 +1,86 @@
+"""Checks of user input that need no ML library, so bad input fails in a fraction of a second."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from pathlib import Path
+
+from .progress import UserError
+
+MULTIMODAL_MODEL_TYPE = "gemma3n"
+TEXT_MODEL_TYPE = "gemma3n_text"
+ET_MAGIC = b"ET"  # flatbuffer file identifier "ETxx" at bytes 4..8
+EXTENDED_HEADER_MAGIC = b"eh00"
+
+
+def looks_like_hub_id(model: str) -> bool:
+    return re.fullmatch(r"[A-Za-z0-9][\w.-]*/[\w.-]+", model) is not None
+
+
+def local_checkpoint(model: str) -> Path | None:
+    """The checkpoint directory ``model`` names, or None when it is a hub id to download."""
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise UserError(f"--model {model}: not a directory; pass a checkpoint directory or a hub id")
+        if not (path / "config.json").is_file():
+            raise UserError(f"--model {model}: no config.json in that directory; pass a Hugging Face checkpoint directory")
+        text_config(path)
+        return path
+    if not looks_like_hub_id(model):
+        raise UserError(f"--model {model}: no such directory; pass a checkpoint directory, a hub id, or 'tiny'")
+    return None
+
+
+def text_config(directory: Path) -> dict:
+    """The text decoder's config from either layout's config.json."""
+    path = directory / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise UserError(f"{path}: not valid JSON ({error})") from None
+    model_type = config.get("model_type")
+    if model_type == MULTIMODAL_MODEL_TYPE:
+        if "text_config" not in config:
+            raise UserError(f"{path}: model_type gemma3n without a text_config; is the config.json complete?")
+        config = config["text_config"]
+    elif model_type != TEXT_MODEL_TYPE:
+        raise UserError(
+            f"{path}: model_type {model_type!r} is not Gemma 3n "
+            f"(expected {MULTIMODAL_MODEL_TYPE!r} or {TEXT_MODEL_TYPE!r}); pass a Gemma 3n checkpoint"
+        )
+    return {key: value for key, value in config.items() if key != "model_type"}
+
+
+def check_output(output: Path) -> None:
+    directory = output.parent if str(output.parent) else Path(".")
+    if output.suffix != ".pte":
+        raise UserError(f"--output {output}: the file name must end in .pte")
+    if output.is_dir():
+        raise UserError(f"--output {output} is a directory; give a file name ending in .pte")
+    if not directory.is_dir():
+        raise UserError(f"--output {output}: directory {directory} does not exist; create it first")
+    if not os.access(directory, os.W_OK | os.X_OK):
+        raise UserError(f"--output {output}: cannot write to {directory}; choose a writable location")
+
+
+def check_program_file(path: Path) -> None:
+    """Reject what is plainly not a complete .pte before the runtime sees it."""
+    if not path.exists():
+        raise UserError(f"{path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{path}: not a file")
+    if path.suffix != ".pte":
+        raise UserError(f"{path}: not a .pte file; pass a program written by e2b/export.py or e4b/export.py")
+    with path.open("rb") as file:
+        head = file.read(40)
+    if len(head) < 8 or head[4:6] != ET_MAGIC:
+        raise UserError(f"{path}: not an ExecuTorch program (bad header); re-export it")
+    if head[8:12] == EXTENDED_HEADER_MAGIC:
+        program_size, segment_base, segment_size = struct.unpack_from("<QQQ", head, 16)
+        expected = max(program_size, segment_base + segment_size)
+        if path.stat().st_size < expected:
+            raise UserError(f"{path}: truncated ({path.stat().st_size} of {expected} bytes); re-export it")

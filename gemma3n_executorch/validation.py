@@ -1,0 +1,100 @@
+"""What validate.py checks: a program run through the ExecuTorch runtime, against its metadata
+and, given the checkpoint, against the same model run eagerly in PyTorch."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+import patches
+
+from . import checkpoint, parity, quantize
+from .checkpoint import TORCH_DTYPES
+from .options import FIXED, KV
+from .progress import UserError
+from .runtime import Program
+from .variants import BOS_ID, VARIANTS
+
+KV_PROMPT_TOKENS = 12
+
+
+class Checks:
+    def __init__(self) -> None:
+        self.failed = 0
+
+    def check(self, ok: bool, what: str) -> None:
+        print(f"{'PASS' if ok else 'FAIL'}  {what}")
+        self.failed += not ok
+
+
+def run_program(program: Program, num_tokens: int) -> tuple[list[int], torch.Tensor]:
+    """Fixed: the probe windows, one forward each. KV: prefill a probe prompt, then greedy steps.
+    Returns the tokens fed (fixed: a list of windows) and the logits, one row per position."""
+    info = program.info
+    if info.mode == FIXED:
+        windows = [parity.probe_tokens(info.seq_len, info.vocab_size, BOS_ID, seed) for seed in range(parity.PROBE_WINDOWS)]
+        logits = [program.forward_fixed(torch.tensor([window], dtype=torch.long))[0] for window in windows]
+        return windows, torch.cat(logits)
+    tokens = parity.probe_tokens(min(KV_PROMPT_TOKENS, info.seq_len - 1), info.vocab_size, BOS_ID)
+    steps = min(num_tokens, info.seq_len - len(tokens))
+    rows = [program.step(tokens)]
+    for _ in range(steps - 1):
+        tokens.append(int(rows[-1].argmax()))
+        rows.append(program.step([tokens[-1]]))
+    return tokens, torch.stack(rows)
+
+
+def eager_reference(program: Program, model: str) -> torch.nn.Module:
+    """The same checkpoint as the program, eagerly, in the program's dtype and quantization."""
+    info = program.info
+    loaded = checkpoint.load(model, VARIANTS[info.variant.lower()], TORCH_DTYPES[info.dtype])
+    if loaded.config.vocab_size != info.vocab_size:
+        raise UserError(f"--model {model}: vocab {loaded.config.vocab_size} but the program's is {info.vocab_size}; "
+                        "pass the checkpoint the program was exported from")
+    patches.apply(loaded.model)
+    quantize.apply(loaded.model, info.quantize, info.quantize_embeddings, info.group_size)
+    return loaded.model
+
+
+def first_difference(a: list[int], b: list[int]) -> int | None:
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
+
+
+def validate(path: Path, model: str | None, num_tokens: int) -> int:
+    program = Program(path)
+    info = program.info
+    print(f"{path}: Gemma 3n {info.variant} from {info.source}, mode {info.mode}, {info.dtype}, "
+          f"quantize {info.quantize}, embeddings {info.quantize_embeddings}, backend {info.backend}, "
+          f"{'max_seq_len' if info.mode == KV else 'seq_len'} {info.seq_len}, vocab {info.vocab_size}")
+    print(f"methods: {', '.join(program.method_names)}")
+    checks = Checks()
+    tokens, logits = run_program(program, num_tokens)
+    rows = info.seq_len * parity.PROBE_WINDOWS if info.mode == FIXED else min(num_tokens, info.seq_len - KV_PROMPT_TOKENS)
+    checks.check(tuple(logits.shape) == (rows, info.vocab_size),
+                 f"logits shape {tuple(logits.shape)} (expected {(rows, info.vocab_size)})")
+    checks.check(logits.dtype == TORCH_DTYPES[info.dtype], f"logits dtype {logits.dtype} (expected {TORCH_DTYPES[info.dtype]})")
+    checks.check(bool(torch.isfinite(logits).all()), "logits are finite (no NaN/Inf)")
+
+    if model is not None:
+        reference = eager_reference(program, model)
+        windows = tokens if info.mode == FIXED else [tokens]
+        with torch.no_grad():
+            expected = torch.cat([reference(input_ids=torch.tensor([window], dtype=torch.long), use_cache=False)
+                                  .logits[0] for window in windows])
+        prompt_length = len(tokens) - len(logits) + 1
+        expected = expected[prompt_length - 1:] if info.mode == KV else expected
+        agreement = parity.compare(logits, expected)
+        tolerance = parity.tolerance_for(info.dtype, info.quantize, info.quantize_embeddings)
+        checks.check(agreement.within(tolerance), f"against eager PyTorch ({model}): {agreement} "
+                     f"(tolerance: top-1 >= {tolerance.min_top1}"
+                     + (f", max |diff| <= {tolerance.max_abs})" if tolerance.max_abs else ")"))
+        if info.mode == KV:
+            eager_tokens = parity.eager_greedy(reference, tokens[:prompt_length], len(logits))
+            program_tokens = tokens[prompt_length:] + [int(logits[-1].argmax())]
+            where = first_difference(program_tokens, eager_tokens)
+            print(f"greedy decoding of {len(eager_tokens)} tokens: "
+                  + ("identical to eager generate()" if where is None else f"first differs from eager generate() at "
+                     f"new token {where} (program {program_tokens[where]}, eager {eager_tokens[where]})"))
+    print(f"{'all checks passed' if not checks.failed else f'{checks.failed} check(s) failed'}")
+    return 0 if not checks.failed else 1

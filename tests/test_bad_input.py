@@ -1,0 +1,118 @@
+"""Bad input: a one-line reason, the documented exit code, no traceback and no partial file."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from gemma3n_executorch import lowering
+from tests.conftest import run
+
+
+def assert_clean_error(result, code: int, fragment: str) -> None:
+    assert result.returncode == code, result.stdout + result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_missing_model_directory(tmp_path):
+    result = run("e2b/export.py", "--model", str(tmp_path / "nowhere"), "--output", str(tmp_path / "x.pte"))
+    assert_clean_error(result, 2, "no such directory")
+    assert not (tmp_path / "x.pte").exists()
+
+
+def test_wrong_model_type(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama"}')
+    result = run("e4b/export.py", "--model", str(tmp_path), "--output", str(tmp_path / "x.pte"))
+    assert_clean_error(result, 2, "is not Gemma 3n")
+    assert not (tmp_path / "x.pte").exists()
+
+
+def test_unwritable_output(tmp_path):
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        if os.access(locked, os.W_OK):
+            pytest.skip("running as a user who can write anywhere; permission bits are not enforced")
+        result = run("e2b/export.py", "--model", "tiny", "--output", str(locked / "x.pte"))
+        assert_clean_error(result, 2, "cannot write")
+    finally:
+        locked.chmod(0o700)
+
+
+def test_output_in_missing_directory(tmp_path):
+    result = run("e2b/export.py", "--model", "tiny", "--output", str(tmp_path / "no" / "x.pte"))
+    assert_clean_error(result, 2, "does not exist")
+
+
+def test_output_must_be_pte(tmp_path):
+    result = run("e2b/export.py", "--model", "tiny", "--output", str(tmp_path / "x.bin"))
+    assert result.returncode == 2 and "must end in .pte" in result.stderr
+
+
+def test_validate_missing_file(tmp_path):
+    assert_clean_error(run("validate.py", str(tmp_path / "missing.pte")), 2, "no such file")
+
+
+def test_validate_non_pte_file(tmp_path):
+    other = tmp_path / "model.bin"
+    other.write_bytes(b"\0" * 100)
+    assert_clean_error(run("validate.py", str(other)), 2, "not a .pte file")
+
+
+def test_validate_garbage_with_pte_suffix(tmp_path):
+    garbage = tmp_path / "garbage.pte"
+    garbage.write_text("this is not a program")
+    assert_clean_error(run("validate.py", str(garbage)), 2, "not an ExecuTorch program")
+
+
+def test_validate_truncated_program(programs, tmp_path):
+    whole = programs.get("e2b").read_bytes()
+    truncated = tmp_path / "truncated.pte"
+    truncated.write_bytes(whole[: len(whole) // 2])
+    assert_clean_error(run("validate.py", str(truncated)), 2, "truncated")
+
+
+def test_validate_wrong_arguments():
+    result = run("validate.py")
+    assert result.returncode == 2 and "usage:" in result.stderr
+
+
+class _FailingProgram:
+    """Writes half a program, then fails: what an interrupted serialization looks like."""
+
+    def write_to_file(self, file) -> None:
+        file.write(b"\0" * 1000)
+        raise KeyboardInterrupt
+
+
+def test_failed_write_leaves_no_file(tmp_path):
+    output = tmp_path / "model.pte"
+    with pytest.raises(KeyboardInterrupt):
+        lowering.write_atomically(_FailingProgram(), output)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_failed_write_keeps_previous_file(tmp_path):
+    output = tmp_path / "model.pte"
+    output.write_bytes(b"previous")
+    with pytest.raises(KeyboardInterrupt):
+        lowering.write_atomically(_FailingProgram(), output)
+    assert output.read_bytes() == b"previous" and list(tmp_path.iterdir()) == [output]
+
+
+def test_written_file_has_normal_permissions(tmp_path):
+    class Program:
+        def write_to_file(self, file) -> None:
+            file.write(b"data")
+
+    output = tmp_path / "model.pte"
+    lowering.write_atomically(Program(), output)
+    umask = os.umask(0)
+    os.umask(umask)
+    assert output.stat().st_mode & 0o777 == 0o666 & ~umask
+    assert Path(output).read_bytes() == b"data"

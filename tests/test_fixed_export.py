@@ -1,0 +1,97 @@
+"""Fixed 32-token programs against Hugging Face eager, through the export and validate CLIs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gemma3n_executorch import parity, quantize
+from gemma3n_executorch.runtime import Program
+from tests.conftest import probe_batches, run
+
+BF16_PEER_TOP1 = parity.tolerance_for("bf16", "none", "none").min_top1  # why 0.90: see parity.py
+
+
+def program_and_reference_logits(program_path, reference):
+    program = Program(program_path)
+    batches = probe_batches(program.info.seq_len, program.info.vocab_size)
+    actual = torch.cat([program.forward_fixed(ids)[0] for ids in batches])
+    with torch.no_grad():
+        expected = torch.cat([reference(input_ids=ids).logits[0] for ids in batches])
+    return actual, expected
+
+
+@pytest.mark.parametrize("variant", ["e2b", "e4b"])
+def test_fp32_matches_hugging_face_including_softcap(programs, tiny_models, variant):
+    path = programs.get(variant, "--dtype", "fp32")
+    actual, expected = program_and_reference_logits(path, tiny_models(variant))
+    assert actual.dtype == torch.float32 and actual.shape == (parity.PROBE_WINDOWS * 32, 512)
+    assert parity.compare(actual, expected).max_abs <= 1e-4
+    # The final soft-cap is in the program: the logits it skips would differ by far more than that.
+    cap = tiny_models(variant).config.final_logit_softcapping
+    uncapped = torch.atanh(expected / cap) * cap
+    assert parity.compare(actual, uncapped).max_abs > 0.1
+
+
+@pytest.mark.parametrize("variant", ["e2b", "e4b"])
+def test_bf16_agrees_with_eager_bf16(programs, tiny_models, variant):
+    path = programs.get(variant)  # the CLI default: bf16
+    actual, eager_bf16 = program_and_reference_logits(path, tiny_models(variant, torch.bfloat16))
+    _, eager_fp32 = program_and_reference_logits(path, tiny_models(variant))
+    assert actual.dtype == torch.bfloat16
+    assert parity.compare(actual, eager_bf16).top1 >= BF16_PEER_TOP1
+    # Against fp32, no worse than eager bf16 itself (minus 0.05): judge a precision by its peer.
+    assert parity.compare(actual, eager_fp32).top1 >= parity.compare(eager_bf16, eager_fp32).top1 - 0.05
+
+
+def test_int8_agrees_with_eager_int8(programs, tiny_models):
+    """fp32 activations, so what is compared is the int8 weights alone, not bf16 rounding too."""
+    from gemma3n_executorch import checkpoint
+    from gemma3n_executorch.variants import VARIANTS
+
+    path = programs.get("e2b", "--dtype", "fp32", "--quantize", "int8")
+    eager_int8 = checkpoint.build_tiny(VARIANTS["e2b"], torch.float32)
+    quantize.apply(eager_int8, "int8", "none", 32)
+    actual, expected = program_and_reference_logits(path, eager_int8)
+    _, unquantized = program_and_reference_logits(path, tiny_models("e2b"))
+    assert parity.compare(actual, expected).top1 >= BF16_PEER_TOP1  # at least as close as bf16 to its peer
+    assert parity.compare(actual, expected).relative_l2 < parity.compare(actual, unquantized).relative_l2 / 10
+    assert parity.compare(actual, unquantized).max_abs > 1e-3  # the weights really are quantized
+
+
+def test_program_is_smaller_when_int8(programs):
+    int8 = programs.get("e2b", "--dtype", "fp32", "--quantize", "int8")
+    assert int8.stat().st_size < programs.get("e2b", "--dtype", "fp32").stat().st_size
+
+
+@pytest.mark.parametrize("variant", ["e2b", "e4b"])
+def test_validate_cli_passes_against_same_checkpoint(programs, variant):
+    result = run("validate.py", str(programs.get(variant)), "--model", "tiny")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "all checks passed" in result.stdout and "top-1 agreement" in result.stdout
+
+
+def test_validate_cli_fails_against_other_weights(programs, tmp_path):
+    from gemma3n_executorch import checkpoint
+    from gemma3n_executorch.variants import VARIANTS
+    from tests.checkpoints import write_text_only
+
+    other = write_text_only(checkpoint.build_tiny(VARIANTS["e2b"], seed=7), tmp_path / "other")
+    result = run("validate.py", str(programs.get("e2b", "--dtype", "fp32")), "--model", str(other))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "FAIL  against eager PyTorch" in result.stdout
+
+
+def test_export_cli_runs_from_inside_variant_folder_with_defaults(programs, tmp_path):
+    """Default output name, bf16, seq_len 32, written to the current directory."""
+    workdir = tmp_path / "e2b"
+    workdir.mkdir()
+    result = run("e2b/export.py", "--model", "tiny", cwd=workdir)
+    assert result.returncode == 0, result.stderr[-2000:]
+    output = workdir / "Gemma3n-E2B-IT-tiny-random-text-only.pte"
+    info = Program(output).info
+    assert (info.variant, info.mode, info.seq_len, info.dtype, info.quantize) == ("E2B", "fixed", 32, "bf16", "none")
+    ids = probe_batches(32, 512, windows=1)[0]
+    assert torch.equal(Program(output).forward_fixed(ids), Program(programs.get("e2b")).forward_fixed(ids))
+    for stage in ("[load]", "[patch]", "[quantize]", "[export]", "[lower]", "[serialize]", "peak memory"):
+        assert stage in result.stderr
