@@ -29,6 +29,10 @@ def export(module: torch.nn.Module, example_inputs: tuple, dynamic_shapes) -> to
 
 def lower(program: torch.export.ExportedProgram, backend: str, constant_methods: dict):
     """Edge dialect + backend delegation + ExecuTorch memory planning."""
+    # Turning the training-IR graph into an inference graph first, with no decompositions, halves
+    # what to_edge then costs (tiny KV program: 120 s -> 56 s in all), as ExecuTorch's own Gemma 4
+    # export does.
+    program = program.run_decompositions({})
     edge = to_edge_transform_and_lower(
         program,
         partitioner=partitioners(backend),

@@ -62,10 +62,16 @@ PROBE_WINDOWS = 8  # fixed programs are judged on 8 windows: 256 positions at se
 
 
 def eager_greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
-    """Hugging Face ``generate(do_sample=False)`` for exactly ``new_tokens`` tokens, EOS included:
-    stop ids neither end nor (as ``min_new_tokens`` would) get suppressed, like a program's raw loop."""
-    from transformers import GenerationConfig
-
-    config = GenerationConfig(max_new_tokens=new_tokens, do_sample=False, eos_token_id=None, pad_token_id=0)
-    with torch.no_grad():
-        return model.generate(torch.tensor([prompt]), generation_config=config)[0, len(prompt):].tolist()
+    """Hugging Face ``generate(do_sample=False)`` for exactly ``new_tokens`` tokens, stop ids
+    included: they neither end generation nor (as ``min_new_tokens`` would) get suppressed, so the
+    result compares with a program's raw greedy loop. generate() fills unset options from the
+    model's own generation config, so the stop ids are cleared there, for this call only."""
+    config = model.generation_config
+    saved = config.eos_token_id
+    config.eos_token_id = None
+    try:
+        with torch.no_grad():
+            output = model.generate(torch.tensor([prompt]), max_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
+    finally:
+        config.eos_token_id = saved
+    return output[0, len(prompt):].tolist()

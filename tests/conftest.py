@@ -39,8 +39,13 @@ class ProgramCache:
         output = self.directory / f"{name}.pte"
         with FileLock(str(output) + ".lock"):
             if not output.exists():
-                run(f"{variant}/export.py", "--model", "tiny", "--output", str(output), *flags, check=True)
+                result = run(f"{variant}/export.py", "--model", "tiny", "--output", str(output), *flags, check=True)
+                output.with_suffix(".log").write_text(result.stderr)
         return output
+
+    def log(self, variant: str, *flags: str) -> str:
+        """What the exporter printed while making that program."""
+        return self.get(variant, *flags).with_suffix(".log").read_text()
 
 
 @pytest.fixture(scope="session")

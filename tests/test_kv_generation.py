@@ -4,7 +4,6 @@ multi-turn chat over one cache, and ExecuTorch's stock LLM runner."""
 from __future__ import annotations
 
 import pytest
-import torch
 
 from gemma3n_executorch import parity
 from gemma3n_executorch.exporter import tokenizer_path_for

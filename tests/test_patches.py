@@ -51,7 +51,8 @@ def test_fix_keeps_logits_and_makes_export_pass(unpatched, variant):
         assert patches.apply(model) == ["gaussian-topk-icdf-at-init"]
         after = model(ids).logits
     assert (after - before).abs().max().item() <= 1e-5
-    _to_edge(model)  # raises if erfinv were still in the graph
+    if variant == "e2b":  # every exported program proves it too; once here, explicitly
+        _to_edge(model)  # raises if erfinv were still in the graph
 
 
 def test_apply_is_idempotent():
