@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from . import preflight
-from .options import (BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_SEQ_LEN, DEFAULT_SEQ_LEN, DTYPES,
-                      EMBEDDING_SCHEMES, FIXED, KV, LINEAR_SCHEMES, MODE_DEFAULTS, MODES, ExportOptions)
+from .options import (BACKENDS, DEFAULT_MAX_SEQ_LEN, DEFAULT_SEQ_LEN, DTYPES, FIXED, KV, LINEAR_SCHEMES,
+                      MODE_DEFAULTS, MODES, ExportOptions)
 from .progress import StageTimer, UserError, gib, human_bytes, log, peak_rss_bytes
 from .variants import TINY_MODEL, Variant
 
@@ -30,8 +30,6 @@ def default_output(variant: Variant, options: ExportOptions) -> Path:
         parts.append("kv")
     if options.quantize != "none":
         parts.append(options.quantize)
-    if options.quantize_embeddings != "none":
-        parts.append(f"emb{options.quantize_embeddings}")
     if options.backend != "portable":
         parts.append(options.backend)
     return Path("-".join(parts) + ".pte")
@@ -51,7 +49,7 @@ def prepare(model, options: ExportOptions, timer: StageTimer):
     else:
         module = tasks.KVCacheLM(model, options.seq_len).eval()
     with timer.stage("quantize"):
-        quantize.apply(module, options.quantize, options.quantize_embeddings, options.group_size)
+        quantize.apply(module, options.quantize)
     return module
 
 
@@ -67,8 +65,7 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
     module = prepare(loaded.model, options, timer)
     info = ProgramInfo(
         variant=variant.name, source=loaded.source, mode=options.mode, seq_len=options.seq_len,
-        vocab_size=loaded.config.vocab_size, dtype=options.dtype, quantize=options.quantize,
-        quantize_embeddings=options.quantize_embeddings, group_size=options.group_size, backend=options.backend,
+        vocab_size=loaded.config.vocab_size, dtype=options.dtype, quantize=options.quantize, backend=options.backend,
     )
     with timer.stage("export"):
         exported = lowering.export(module, module.example_inputs(), module.dynamic_shapes())
@@ -114,10 +111,7 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
                         help="fixed: stateless fixed-window forward; kv: KV-cache program for generation")
     parser.add_argument("--dtype", choices=DTYPES, help="default: fixed bf16, kv fp32")
     parser.add_argument("--quantize", choices=LINEAR_SCHEMES, help="linear-layer quantization")
-    parser.add_argument("--quantize-embeddings", choices=EMBEDDING_SCHEMES,
-                        help="token and per-layer embedding tables (and the tied lm_head)")
-    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE, help="int4 group size (8da4w, 4w)")
-    parser.add_argument("--backend", choices=BACKENDS, help="portable kernels or XNNPACK delegation")
+    parser.add_argument("--backend", choices=BACKENDS, help="ExecuTorch's portable kernels")
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="fixed mode: window length")
     parser.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
                         help="kv mode: tokens the cache holds (prompt + generated)")
@@ -126,14 +120,10 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
     length = args.seq_len if args.mode == FIXED else args.max_seq_len
     if length < 2:
         parser.error("--seq-len / --max-seq-len must be at least 2")
-    if args.group_size < 1:
-        parser.error("--group-size must be at least 1")
     options = ExportOptions(
         model=args.model, mode=args.mode,
         dtype=args.dtype or defaults["dtype"],
         quantize=args.quantize or defaults["quantize"],
-        quantize_embeddings=args.quantize_embeddings or defaults["quantize_embeddings"],
-        group_size=args.group_size,
         backend=args.backend or defaults["backend"],
         seq_len=length,
     )
@@ -147,8 +137,7 @@ def main(variant: Variant, argv: list[str] | None = None) -> int:
         if options.model != TINY_MODEL:
             preflight.local_checkpoint(options.model)
         log(f"exporting Gemma 3n {variant.name} ({options.model}) -> {output}: mode {options.mode}, "
-            f"{options.dtype}, quantize {options.quantize}, embeddings {options.quantize_embeddings}, "
-            f"backend {options.backend}, {'max_seq_len' if options.mode == KV else 'seq_len'} {options.seq_len}")
+            f"{options.dtype}, quantize {options.quantize}, backend {options.backend}, {'max_seq_len' if options.mode == KV else 'seq_len'} {options.seq_len}")
         summary = export_program(variant, options, output)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)

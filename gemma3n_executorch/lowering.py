@@ -15,10 +15,6 @@ from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEv
 def partitioners(backend: str) -> list:
     if backend == "portable":
         return []
-    if backend == "xnnpack":
-        from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
-
-        return [XnnpackPartitioner()]
     raise ValueError(f"unknown backend {backend!r}")
 
 

@@ -33,10 +33,8 @@ class ProgramInfo:
     seq_len: int  # fixed: the window; kv: max_seq_len (tokens the cache holds)
     vocab_size: int
     dtype: str  # "fp32" / "bf16" / "fp16"
-    quantize: str  # "none" / "int8" / "8da4w"
-    quantize_embeddings: str  # "none" / "8w" / "4w"
-    group_size: int
-    backend: str  # "portable" / "xnnpack"
+    quantize: str  # "none" / "int8"
+    backend: str  # "portable"
 
     def constant_methods(self) -> dict:
         methods = {PREFIX + name: value for name, value in asdict(self).items()}

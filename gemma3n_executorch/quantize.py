@@ -10,9 +10,8 @@ def _is_linear(module: nn.Module, _fqn: str) -> bool:
     return isinstance(module, nn.Linear)
 
 
-def quantize_linears(model: nn.Module, scheme: str, group_size: int) -> None:
-    """``int8``: int8 weight-only, per channel. ``8da4w``: int8 dynamic activations, int4 weights
-    in groups of ``group_size`` (linears whose input width is not a multiple are left alone)."""
+def quantize_linears(model: nn.Module, scheme: str) -> None:
+    """``int8``: torchao int8 weight-only, per output channel, on every linear layer."""
     from torchao.quantization import quantize_
 
     if scheme == "none":
@@ -25,8 +24,6 @@ def quantize_linears(model: nn.Module, scheme: str, group_size: int) -> None:
     raise ValueError(f"unknown linear quantization {scheme!r}")
 
 
-def apply(model: nn.Module, linear: str, embeddings: str, group_size: int) -> None:
+def apply(model: nn.Module, linear: str) -> None:
     """Quantize ``model`` in place; the exporter and the eager references both come through here."""
-    quantize_linears(model, linear, group_size)
-    if embeddings != "none":
-        raise ValueError(f"embedding quantization {embeddings!r} is not available yet")
+    quantize_linears(model, linear)
