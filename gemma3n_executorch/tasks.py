@@ -121,11 +121,6 @@ class KVCacheLM(nn.Module):
     def kv_cache_bytes(self) -> int:
         return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name.endswith("_cache"))
 
-    def reset_cache(self) -> None:
-        for name, buffer in self.named_buffers():
-            if name.endswith("_cache"):
-                buffer.zero_()
-
     def example_inputs(self) -> tuple:
         return (torch.zeros(1, 2, dtype=torch.long), torch.arange(2, dtype=torch.long))
 
