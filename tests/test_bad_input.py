@@ -36,9 +36,11 @@ def test_unwritable_output(tmp_path):
     locked.mkdir()
     locked.chmod(0o500)
     try:
-        if os.access(locked, os.W_OK):
-            pytest.skip("running as a user who can write anywhere; permission bits are not enforced")
-        result = run("e2b/export.py", "--model", "tiny", "--output", str(locked / "x.pte"))
+        # root ignores permission bits; /proc/sys is refused to root as well (Linux).
+        target = next((d for d in (locked, Path("/proc/sys")) if d.is_dir() and not os.access(d, os.W_OK)), None)
+        if target is None:
+            pytest.skip("no directory here is unwritable for this user")
+        result = run("e2b/export.py", "--model", "tiny", "--output", str(target / "x.pte"))
         assert_clean_error(result, 2, "cannot write")
     finally:
         locked.chmod(0o700)
