@@ -18,9 +18,8 @@ from tokenizers import Tokenizer
 from .options import KV
 from .progress import UserError
 from .runtime import Program
-from .variants import BOS_ID, END_OF_TURN_ID, EOS_ID, PAD_ID
+from .variants import BOS_ID, PAD_ID, STOP_IDS
 
-STOP_IDS = (EOS_ID, END_OF_TURN_ID)
 USER_TURN = "<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
 END_OF_TURN = "<end_of_turn>\n"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from .variants import BOS_ID, END_OF_TURN_ID, EOS_ID
+from .variants import BOS_ID, STOP_IDS
 
 # Read by executorch.extension.llm.runner.TextLLMRunner.
 RUNNER_MAX_SEQ_LEN = "get_max_seq_len"
@@ -44,7 +44,7 @@ class ProgramInfo:
                 RUNNER_MAX_CONTEXT_LEN: self.seq_len,
                 RUNNER_VOCAB_SIZE: self.vocab_size,
                 RUNNER_BOS_ID: BOS_ID,
-                RUNNER_EOS_IDS: [EOS_ID, END_OF_TURN_ID],
+                RUNNER_EOS_IDS: list(STOP_IDS),
                 RUNNER_USE_KV_CACHE: True,
                 RUNNER_DYNAMIC_SHAPE: True,
             })

@@ -19,6 +19,7 @@ TINY_MODEL = "tiny"  # the --model value that selects the built-in random-weight
 
 # Token ids of the real Gemma 3n tokenizer; the tiny tokenizer keeps them.
 PAD_ID, EOS_ID, BOS_ID, START_OF_TURN_ID, END_OF_TURN_ID = 0, 1, 2, 105, 106
+STOP_IDS = (EOS_ID, END_OF_TURN_ID)  # an -it model ends its turn with either
 
 
 def _tiny_layer_types(num_layers: int, full_every: int) -> list[str]:
