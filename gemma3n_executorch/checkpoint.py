@@ -45,6 +45,9 @@ class LoadedModel:
         return sum(p.numel() for p in self.model.parameters())
 
 
+RANDOM_BLOCK_VALUES = 1 << 26
+
+
 def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     """Deterministic random weights with peaked logits, varied greedy text and no dead paths.
 
@@ -60,14 +63,16 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
     with torch.no_grad():
         for parameter in model.parameters():
-            noise = torch.randn(parameter.shape, generator=generator, dtype=torch.float32)
-            if id(parameter) in embeddings:
-                value = noise * 0.125
-            elif parameter.dim() >= 2:
-                value = noise * 0.5 * parameter.shape[-1] ** -0.5
-            else:
-                value = 1.0 + 0.1 * noise
-            parameter.copy_(value.to(parameter.dtype))
+            # Row blocks, so the real per-layer table (2 B values) never has an fp32 twin in memory.
+            for block in parameter.split(max(1, RANDOM_BLOCK_VALUES // max(1, parameter[0].numel()))):
+                noise = torch.randn(block.shape, generator=generator, dtype=torch.float32)
+                if id(parameter) in embeddings:
+                    value = noise * 0.125
+                elif parameter.dim() >= 2:
+                    value = noise * 0.5 * parameter.shape[-1] ** -0.5
+                else:
+                    value = 1.0 + 0.1 * noise
+                block.copy_(value.to(parameter.dtype))
         model.model.norm.weight.mul_(4.0)
 
 
@@ -75,6 +80,18 @@ def build_tiny(variant: Variant, dtype: torch.dtype = torch.float32, seed: int =
     model = Gemma3nForCausalLM(Gemma3nTextConfig(**variant.tiny_config))
     randomize_(model, seed)
     model.set_attn_implementation(ATTENTION)
+    return model.to(dtype).eval()
+
+
+def build_random(variant: Variant, layers: int | None = None, dtype: torch.dtype = torch.float32,
+                 attention: str = ATTENTION, seed: int = 0) -> Gemma3nForCausalLM:
+    """A random-weight model of the real architecture (optionally cut to ``layers``): what it
+    costs to run does not depend on the weights' values."""
+    config = variant.real_text_config(layers)
+    config.pop("model_type", None), config.pop("torch_dtype", None)
+    model = Gemma3nForCausalLM(Gemma3nTextConfig(**config))
+    randomize_(model, seed)
+    model.set_attn_implementation(attention)
     return model.to(dtype).eval()
 
 

@@ -12,8 +12,8 @@ import sys
 from pathlib import Path
 
 from . import preflight
-from .options import (BACKENDS, DEFAULT_MAX_SEQ_LEN, DEFAULT_SEQ_LEN, DTYPES, FIXED, KV, LINEAR_SCHEMES,
-                      MODE_DEFAULTS, MODES, ExportOptions)
+from .options import (BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_SEQ_LEN, DEFAULT_SEQ_LEN, DTYPES,
+                      EMBEDDING_SCHEMES, FIXED, KV, LINEAR_SCHEMES, MODE_DEFAULTS, MODES, ExportOptions, resolve)
 from .progress import StageTimer, UserError, gib, human_bytes, log, peak_rss_bytes
 from .variants import TINY_MODEL, Variant
 
@@ -30,6 +30,8 @@ def default_output(variant: Variant, options: ExportOptions) -> Path:
         parts.append("kv")
     if options.quantize != "none":
         parts.append(options.quantize)
+    if options.embeddings != "none":
+        parts.append(f"emb{options.embeddings}")
     if options.backend != "portable":
         parts.append(options.backend)
     return Path("-".join(parts) + ".pte")
@@ -39,7 +41,7 @@ def prepare(model, options: ExportOptions, timer: StageTimer):
     """Patch, wrap and quantize an eager model: the module that gets exported."""
     import patches
 
-    from . import quantize, tasks
+    from . import lowering, quantize, tasks
 
     with timer.stage("patch"):
         applied = patches.apply(model)
@@ -48,35 +50,42 @@ def prepare(model, options: ExportOptions, timer: StageTimer):
         module = tasks.FixedWindowLM(model, options.seq_len).eval()
     else:
         module = tasks.KVCacheLM(model, options.seq_len).eval()
+    lowering.prepare_for_backend(module, options.backend)
     with timer.stage("quantize"):
-        quantize.apply(module, options.quantize)
+        quantize.apply(module.model, options.quantize, options.embeddings, options.group_size)
     return module
 
 
-def export_program(variant: Variant, options: ExportOptions, output: Path, timer: StageTimer | None = None) -> dict:
+def export_program(variant: Variant, options: ExportOptions, output: Path, timer: StageTimer | None = None,
+                   verbose: bool = False, loaded=None) -> dict:
     """Run every stage and write ``output``; return the summary figures."""
     from . import checkpoint, lowering
     from .metadata import ProgramInfo
 
     timer = timer or StageTimer()
-    with timer.stage("load"):
-        loaded = checkpoint.load(options.model, variant, checkpoint.TORCH_DTYPES[options.dtype])
-        log(f"  {loaded.num_parameters / 1e6:.1f} M text parameters from {loaded.source}")
+    if loaded is None:
+        with timer.stage("load"):
+            loaded = checkpoint.load(options.model, variant, checkpoint.TORCH_DTYPES[options.dtype])
+    log(f"  {loaded.num_parameters / 1e6:.1f} M text parameters from {loaded.source}")
     module = prepare(loaded.model, options, timer)
     info = ProgramInfo(
         variant=variant.name, source=loaded.source, mode=options.mode, seq_len=options.seq_len,
-        vocab_size=loaded.config.vocab_size, dtype=options.dtype, quantize=options.quantize, backend=options.backend,
+        vocab_size=loaded.config.vocab_size, dtype=options.dtype, quantize=options.quantize,
+        embeddings=options.embeddings, group_size=options.group_size, backend=options.backend,
     )
+    kv_cache_bytes = module.kv_cache_bytes() if options.mode == KV else 0
     with timer.stage("export"):
         exported = lowering.export(module, module.example_inputs(), module.dynamic_shapes())
     with timer.stage("lower"):
-        program = lowering.lower(exported, options.backend, info.constant_methods())
+        program, delegation = lowering.lower(exported, options.backend, info.constant_methods(),
+                                             quantized_embeddings=options.embeddings != "none", verbose=verbose)
+        del exported
     with timer.stage("serialize"):
         size = lowering.write_atomically(program, output)
         tokenizer = write_tokenizer(loaded, output)
     return {
         "output": str(output), "bytes": size, "parameters": loaded.num_parameters,
-        "kv_cache_bytes": module.kv_cache_bytes() if options.mode == KV else 0,
+        "kv_cache_bytes": kv_cache_bytes, "delegation": {k: v for k, v in delegation.items() if k != "table"},
         "tokenizer": str(tokenizer) if tokenizer else None, "peak_rss_bytes": peak_rss_bytes(),
         "seconds": dict(timer.seconds), "total_seconds": timer.total,
     }
@@ -98,7 +107,7 @@ def write_tokenizer(loaded, output: Path) -> Path | None:
     return target
 
 
-def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions, Path]:
+def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions, Path, bool]:
     parser = argparse.ArgumentParser(
         prog=f"{variant.key}/export.py",
         description=f"Export the Gemma 3n {variant.name} text decoder to an ExecuTorch .pte program.",
@@ -109,42 +118,59 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
     parser.add_argument("--output", type=Path, help="where to write the .pte (default: named after the options)")
     parser.add_argument("--mode", choices=MODES, default=FIXED,
                         help="fixed: stateless fixed-window forward; kv: KV-cache program for generation")
-    parser.add_argument("--dtype", choices=DTYPES, help="default: fixed bf16, kv fp32")
-    parser.add_argument("--quantize", choices=LINEAR_SCHEMES, help="linear-layer quantization")
-    parser.add_argument("--backend", choices=BACKENDS, help="ExecuTorch's portable kernels")
+    kv, fixed = MODE_DEFAULTS[KV], MODE_DEFAULTS[FIXED]
+    parser.add_argument("--dtype", choices=DTYPES, help=f"default: fixed {fixed['dtype']}, kv {kv['dtype']}")
+    parser.add_argument("--quantize", choices=LINEAR_SCHEMES,
+                        help="linear layers: int8 weight-only (portable), or int8 dynamic activations x int4 "
+                             f"grouped weights (8da4w, XNNPACK); default: fixed {fixed['quantize']}, kv {kv['quantize']}")
+    parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
+                        help=f"8da4w: weights per int4 scale (default {DEFAULT_GROUP_SIZE})")
+    parser.add_argument("--quantize-embeddings", choices=EMBEDDING_SCHEMES,
+                        help="token embedding, per-layer embedding table and tied lm_head: 8-bit or 4-bit "
+                             f"(XNNPACK); default: fixed {fixed['embeddings']}, kv {kv['embeddings']}")
+    parser.add_argument("--backend", choices=BACKENDS,
+                        help=f"portable kernels, or XNNPACK delegation; default: fixed {fixed['backend']}, kv {kv['backend']}")
+    parser.add_argument("--verbose", action="store_true", help="list the operators left outside the backend")
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="fixed mode: window length")
     parser.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
                         help="kv mode: tokens the cache holds (prompt + generated)")
     args = parser.parse_args(argv)
-    defaults = MODE_DEFAULTS[args.mode]
     length = args.seq_len if args.mode == FIXED else args.max_seq_len
     if length < 2:
         parser.error("--seq-len / --max-seq-len must be at least 2")
-    options = ExportOptions(
-        model=args.model, mode=args.mode,
-        dtype=args.dtype or defaults["dtype"],
-        quantize=args.quantize or defaults["quantize"],
-        backend=args.backend or defaults["backend"],
-        seq_len=length,
-    )
-    return options, args.output or default_output(variant, options)
+    try:
+        options = resolve(args.mode, args.dtype, args.quantize, args.quantize_embeddings, args.backend,
+                          args.group_size, args.model, length)
+    except ValueError as error:
+        parser.error(str(error))
+    return options, args.output or default_output(variant, options), args.verbose
+
+
+def describe_quantization(options: ExportOptions) -> str:
+    group = f" (group {options.group_size})" if options.quantize == "8da4w" or options.embeddings == "4w" else ""
+    return f"quantize {options.quantize}, embeddings {options.embeddings}{group}"
 
 
 def main(variant: Variant, argv: list[str] | None = None) -> int:
-    options, output = parse_args(variant, argv)
+    options, output, verbose = parse_args(variant, argv)
     try:
         preflight.check_output(output)
         if options.model != TINY_MODEL:
             preflight.local_checkpoint(options.model)
         log(f"exporting Gemma 3n {variant.name} ({options.model}) -> {output}: mode {options.mode}, "
-            f"{options.dtype}, quantize {options.quantize}, backend {options.backend}, {'max_seq_len' if options.mode == KV else 'seq_len'} {options.seq_len}")
-        summary = export_program(variant, options, output)
+            f"{options.dtype}, {describe_quantization(options)}, backend {options.backend}, "
+            f"{'max_seq_len' if options.mode == KV else 'seq_len'} {options.seq_len}")
+        summary = export_program(variant, options, output, verbose=verbose)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
         return error.exit_code
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary["seconds"].items())
     log(f"wrote {output} ({human_bytes(summary['bytes'])}) in {summary['total_seconds']:.1f} s [{stages}]; "
         f"peak memory {gib(summary['peak_rss_bytes'])}")
+    if options.backend != "portable":
+        delegation = summary["delegation"]
+        log(f"  {options.backend}: {delegation['delegated']} operators delegated in {delegation['subgraphs']} "
+            f"subgraphs, {delegation['outside']} outside (--verbose lists them)")
     if summary["kv_cache_bytes"]:
         log(f"  KV cache: {human_bytes(summary['kv_cache_bytes'])} for {options.seq_len} tokens")
     if summary["tokenizer"]:

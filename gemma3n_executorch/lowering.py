@@ -1,9 +1,18 @@
-"""How to lower: an exported program to an ExecuTorch program, for one backend recipe."""
+"""How to lower: an exported program to an ExecuTorch program, for one backend recipe.
+
+* ``portable``: ExecuTorch's reference kernels, every operator in the program itself.
+* ``xnnpack``: everything XNNPACK can run is delegated to it (dynamically quantized linears
+  first, then the floating-point rest); what stays outside runs on portable kernels:
+  the KV-cache update and attention (ExecuTorch's ``llama::`` custom ops), the embedding
+  gathers, and index/shape bookkeeping (``--verbose`` lists them).
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
+import types
+from collections import Counter
 from pathlib import Path
 
 import torch
@@ -11,11 +20,39 @@ from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_
 from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+from .progress import log
+
 
 def partitioners(backend: str) -> list:
     if backend == "portable":
         return []
+    if backend == "xnnpack":
+        from executorch.backends.xnnpack.partition.xnnpack_partitioner import (
+            XnnpackDynamicallyQuantizedPartitioner, XnnpackPartitioner)
+
+        return [XnnpackDynamicallyQuantizedPartitioner(), XnnpackPartitioner()]
     raise ValueError(f"unknown backend {backend!r}")
+
+
+def _xnnpack_rms_norm(self, hidden_states: torch.Tensor) -> torch.Tensor:
+    # The same arithmetic as Gemma3nRMSNorm._norm, in the forms XNNPACK takes: its mean kernel wants
+    # a 4-D input reduced over dims (2, 3) with keepdim, and its power kernel only squares. Written
+    # Hugging Face's way, every norm (8 per layer) stays outside the delegate and splits it.
+    width = hidden_states.shape[-1]
+    squares = (hidden_states * hidden_states).reshape(1, -1, 1, width)
+    mean_squared = squares.mean(dim=(2, 3), keepdim=True).reshape(*hidden_states.shape[:-1], 1)
+    return hidden_states * torch.rsqrt(mean_squared + self.eps)
+
+
+def prepare_for_backend(module: torch.nn.Module, backend: str) -> None:
+    """Source transforms a backend needs, applied to this module's instances only."""
+    if backend != "xnnpack":
+        return
+    from transformers.models.gemma3n.modeling_gemma3n import Gemma3nRMSNorm
+
+    for norm in module.modules():
+        if isinstance(norm, Gemma3nRMSNorm):
+            norm._norm = types.MethodType(_xnnpack_rms_norm, norm)
 
 
 def export(module: torch.nn.Module, example_inputs: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
@@ -23,8 +60,10 @@ def export(module: torch.nn.Module, example_inputs: tuple, dynamic_shapes) -> to
         return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
 
 
-def lower(program: torch.export.ExportedProgram, backend: str, constant_methods: dict):
-    """Edge dialect + backend delegation + ExecuTorch memory planning."""
+def lower(program: torch.export.ExportedProgram, backend: str, constant_methods: dict,
+          quantized_embeddings: bool = False, verbose: bool = False):
+    """Edge dialect + backend delegation + ExecuTorch memory planning; returns the program and
+    the delegation report."""
     # Turning the training-IR graph into an inference graph first, with no decompositions, halves
     # what to_edge then costs (tiny KV program: 120 s -> 56 s in all), as ExecuTorch's own Gemma 4
     # export does.
@@ -35,15 +74,35 @@ def lower(program: torch.export.ExportedProgram, backend: str, constant_methods:
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         constant_methods=constant_methods,
     )
+    report = delegation_report(edge.exported_program().graph_module)
+    if verbose:
+        for line in report["table"]:
+            log(line)
     return edge.to_executorch(
         ExecutorchBackendConfig(
+            # Turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
+            # Only then: its constant folding would also store a transposed copy of a float lm_head.
+            do_quant_fusion_and_const_prop=quantized_embeddings,
             extract_delegate_segments=True,
             # Inputs come from the caller's buffers; planning them would copy every call.
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
             # Plan dynamic-shape tensors at their upper bound, not by symbolic guess.
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         )
-    )
+    ), report
+
+
+def delegation_report(graph_module: torch.fx.GraphModule) -> dict:
+    """Operator counts inside and outside the backend's delegates, in total and per operator."""
+    from executorch.devtools.backend_debug import get_delegation_info
+
+    info = get_delegation_info(graph_module)
+    outside = Counter({op: b.non_delegated for op, b in info.delegation_by_operator.items() if b.non_delegated})
+    table = [f"  delegated: {info.num_delegated_nodes} operators in {info.num_delegated_subgraphs} subgraphs; "
+             f"outside: {info.num_non_delegated_nodes}"]
+    table += [f"    outside {count:4d}  {op}" for op, count in outside.most_common()]
+    return {"delegated": info.num_delegated_nodes, "outside": info.num_non_delegated_nodes,
+            "subgraphs": info.num_delegated_subgraphs, "table": table}
 
 
 def write_atomically(program, output: Path) -> int:

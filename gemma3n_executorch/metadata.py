@@ -33,8 +33,10 @@ class ProgramInfo:
     seq_len: int  # fixed: the window; kv: max_seq_len (tokens the cache holds)
     vocab_size: int
     dtype: str  # "fp32" / "bf16" / "fp16"
-    quantize: str  # "none" / "int8"
-    backend: str  # "portable"
+    quantize: str  # linear layers: options.LINEAR_SCHEMES
+    embeddings: str  # embeddings and tied lm_head: options.EMBEDDING_SCHEMES
+    group_size: int  # weights per int4 scale
+    backend: str  # options.BACKENDS
 
     def constant_methods(self) -> dict:
         methods = {PREFIX + name: value for name, value in asdict(self).items()}

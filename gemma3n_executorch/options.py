@@ -1,4 +1,5 @@
-"""The export options and their vocabulary: one place, importable without any ML library."""
+"""The export options, their vocabulary and which combinations work: one place, importable
+without any ML library."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ from dataclasses import dataclass
 FIXED, KV = "fixed", "kv"
 MODES = (FIXED, KV)
 DTYPES = ("fp32", "bf16", "fp16")
-LINEAR_SCHEMES = ("none", "int8")
-BACKENDS = ("portable",)
+# int8: weight-only int8 (portable kernels). 8da4w: int8 dynamic activations x int4 grouped weights
+# (XNNPACK kernels).
+LINEAR_SCHEMES = ("none", "int8", "8da4w")
+# Weight-only int8 / int4 with one scale per row, for the token embedding and the per-layer table;
+# the tied lm_head gets the same bit width (see quantize.py).
+EMBEDDING_SCHEMES = ("none", "8w", "4w")
+BACKENDS = ("portable", "xnnpack")
+DEFAULT_GROUP_SIZE = 128  # measured: faster on XNNPACK than 32 (docs/benchmarks.md), and smaller
 
-# --mode fixed keeps the original project's contract; --mode kv defaults are chosen for phones.
+# --mode fixed keeps the original project's contract; --mode kv defaults are the phone recipe,
+# chosen by measurement (docs/benchmarks.md).
 MODE_DEFAULTS = {
-    FIXED: dict(dtype="bf16", quantize="none", backend="portable"),
-    KV: dict(dtype="fp32", quantize="none", backend="portable"),
+    FIXED: dict(dtype="bf16", quantize="none", embeddings="none", backend="portable"),
+    KV: dict(dtype="fp32", quantize="8da4w", embeddings="4w", backend="xnnpack"),
 }
 DEFAULT_SEQ_LEN = 32
 DEFAULT_MAX_SEQ_LEN = 2048
@@ -25,5 +33,37 @@ class ExportOptions:
     mode: str
     dtype: str
     quantize: str
+    embeddings: str
+    group_size: int
     backend: str
     seq_len: int  # fixed: window length; kv: max_seq_len
+
+    @property
+    def needs_xnnpack(self) -> bool:
+        return self.quantize == "8da4w" or self.embeddings != "none"
+
+
+def resolve(mode: str, dtype: str | None, quantize: str | None, embeddings: str | None, backend: str | None,
+            group_size: int, model: str, seq_len: int) -> ExportOptions:
+    """Fill what was not given from the mode's defaults, so that an explicit choice pulls in what
+    it needs (``--quantize 8da4w`` alone means XNNPACK and fp32); refuse combinations that have no
+    kernels, with a message that says what to pass instead (ValueError)."""
+    defaults = MODE_DEFAULTS[mode]
+    quantize = quantize or defaults["quantize"]
+    embeddings = embeddings or defaults["embeddings"]
+    dynamic = quantize == "8da4w" or embeddings != "none"
+    backend = backend or ("xnnpack" if dynamic else defaults["backend"])
+    dtype = dtype or ("fp32" if dynamic else defaults["dtype"])
+    if dynamic and backend != "xnnpack":
+        raise ValueError("--quantize 8da4w and --quantize-embeddings 8w/4w run on XNNPACK kernels only: "
+                         "add --backend xnnpack")
+    if dynamic and dtype != "fp32":
+        raise ValueError("--quantize 8da4w and --quantize-embeddings 8w/4w quantize fp32 activations: "
+                         "use --dtype fp32")
+    if quantize == "int8" and backend == "xnnpack":
+        raise ValueError("--quantize int8 (weight-only) has no XNNPACK kernel: use --quantize 8da4w with "
+                         "--backend xnnpack, or int8 with --backend portable")
+    if group_size < 2 or group_size % 2:
+        raise ValueError("--group-size must be an even number of at least 2 (32 is the usual choice)")
+    return ExportOptions(model=model, mode=mode, dtype=dtype, quantize=quantize, embeddings=embeddings,
+                         group_size=group_size, backend=backend, seq_len=seq_len)

@@ -17,11 +17,25 @@ import torch
 class Tolerance:
     min_top1: float
     max_abs: float | None = None  # only enforced where it means something (fp32, unquantized)
+    max_relative_l2: float | None = None
 
 
-def tolerance_for(dtype: str, quantize: str) -> Tolerance:
-    if dtype == "fp32" and quantize == "none":
+# A quantized program against eager PyTorch with the same torchao quantization, and against
+# unquantized fp32 next to that same eager quantization ("judged by its peer"): random-weight
+# models amplify any perturbation, so on the tiny models 4-bit weights alone move the logits by
+# a relative L2 of 0.55-0.68 from fp32 (eager and program alike); the tiny number says nothing
+# about a trained model's quality, only whether the program computes what torchao's eager
+# quantization computes. Measured for the phone recipe on tiny E2B: top-1 0.955-0.969 and
+# relative L2 0.048 against eager-quantized.
+PEER_MARGIN = 0.05
+
+
+def tolerance_for(dtype: str, quantize: str, embeddings: str = "none") -> Tolerance:
+    if dtype == "fp32" and quantize == "none" and embeddings == "none":
         return Tolerance(min_top1=0.99, max_abs=1e-3)
+    if quantize == "8da4w" or embeddings != "none":
+        # XNNPACK quantizes activations per token with its own rounding, as torchao does eagerly.
+        return Tolerance(min_top1=0.90, max_relative_l2=0.15)
     # Two bf16 implementations of the tiny random model agree on the argmax at 0.94-0.965 of
     # positions (Hugging Face eager attention vs SDPA, both bf16: 0.941 over 256 positions; the
     # exported program vs eager: 0.941 for tiny E2B, 0.965 for tiny E4B), so the bound sits below.
@@ -38,7 +52,9 @@ class Agreement:
         return f"max |diff| {self.max_abs:.3g}, top-1 agreement {self.top1:.3f}, relative L2 {self.relative_l2:.3g}"
 
     def within(self, tolerance: Tolerance) -> bool:
-        return self.top1 >= tolerance.min_top1 and (tolerance.max_abs is None or self.max_abs <= tolerance.max_abs)
+        return (self.top1 >= tolerance.min_top1
+                and (tolerance.max_abs is None or self.max_abs <= tolerance.max_abs)
+                and (tolerance.max_relative_l2 is None or self.relative_l2 <= tolerance.max_relative_l2))
 
 
 def compare(logits: torch.Tensor, reference: torch.Tensor) -> Agreement:

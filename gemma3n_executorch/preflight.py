@@ -55,16 +55,16 @@ def text_config(directory: Path) -> dict:
     return {key: value for key, value in config.items() if key != "model_type"}
 
 
-def check_output(output: Path) -> None:
+def check_output(output: Path, suffix: str = ".pte", flag: str = "--output") -> None:
     directory = output.parent if str(output.parent) else Path(".")
-    if output.suffix != ".pte":
-        raise UserError(f"--output {output}: the file name must end in .pte")
+    if output.suffix != suffix:
+        raise UserError(f"{flag} {output}: the file name must end in {suffix}")
     if output.is_dir():
-        raise UserError(f"--output {output} is a directory; give a file name ending in .pte")
+        raise UserError(f"{flag} {output} is a directory; give a file name ending in {suffix}")
     if not directory.is_dir():
-        raise UserError(f"--output {output}: directory {directory} does not exist; create it first")
+        raise UserError(f"{flag} {output}: directory {directory} does not exist; create it first")
     if not os.access(directory, os.W_OK | os.X_OK):
-        raise UserError(f"--output {output}: cannot write to {directory}; choose a writable location")
+        raise UserError(f"{flag} {output}: cannot write to {directory}; choose a writable location")
 
 
 def check_program_file(path: Path) -> None:

@@ -21,12 +21,20 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def current_rss_bytes() -> int:
+def memory_status(*fields: str) -> dict[str, int]:
+    """Fields of /proc/self/status in bytes (VmRSS: resident; RssFile: of it, pages of mapped
+    files such as a memory-mapped program; RssAnon: allocated memory)."""
+    values = dict.fromkeys(fields, 0)
     with open("/proc/self/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) * 1024
-    return 0
+            name, _, rest = line.partition(":")
+            if name in values:
+                values[name] = int(rest.split()[0]) * 1024
+    return values
+
+
+def current_rss_bytes() -> int:
+    return memory_status("VmRSS")["VmRSS"]
 
 
 def gib(num_bytes: int) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import executorch.kernels.quantized  # noqa: F401  kernels for the quantized embeddings
 from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  kernels for llama::update_cache, custom_sdpa
 
 from . import preflight

@@ -53,7 +53,7 @@ def eager_reference(program: Program, model: str) -> torch.nn.Module:
         raise UserError(f"--model {model}: vocab {loaded.config.vocab_size} but the program's is {info.vocab_size}; "
                         "pass the checkpoint the program was exported from")
     patches.apply(loaded.model)
-    quantize.apply(loaded.model, info.quantize)
+    quantize.apply(loaded.model, info.quantize, info.embeddings, info.group_size)
     return loaded.model
 
 
@@ -65,7 +65,7 @@ def validate(path: Path, model: str | None, num_tokens: int) -> int:
     program = Program(path)
     info = program.info
     print(f"{path}: Gemma 3n {info.variant} from {info.source}, mode {info.mode}, {info.dtype}, "
-          f"quantize {info.quantize}, backend {info.backend}, "
+          f"quantize {info.quantize}, embeddings {info.embeddings}, backend {info.backend}, "
           f"{'max_seq_len' if info.mode == KV else 'seq_len'} {info.seq_len}, vocab {info.vocab_size}")
     print(f"methods: {', '.join(program.method_names)}")
     checks = Checks()
@@ -85,7 +85,7 @@ def validate(path: Path, model: str | None, num_tokens: int) -> int:
         prompt_length = len(tokens) - len(logits) + 1
         expected = expected[prompt_length - 1:] if info.mode == KV else expected
         agreement = parity.compare(logits, expected)
-        tolerance = parity.tolerance_for(info.dtype, info.quantize)
+        tolerance = parity.tolerance_for(info.dtype, info.quantize, info.embeddings)
         checks.check(agreement.within(tolerance), f"against eager PyTorch ({model}): {agreement} "
                      f"(tolerance: top-1 >= {tolerance.min_top1}"
                      + (f", max |diff| <= {tolerance.max_abs})" if tolerance.max_abs else ")"))

@@ -41,11 +41,38 @@ class Variant:
         tiny = "-tiny-random" if model == TINY_MODEL else ""
         return f"Gemma3n-{self.name}-IT{tiny}-text-only"
 
-    def real_text_config(self) -> dict:
+    def real_text_config(self, layers: int | None = None) -> dict:
+        """The published text config; with ``layers``, cut to that depth (see ``cut_to_layers``)."""
         path = SHARED_ARCHITECTURES / self.architecture_file
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found: the real architectures live in ../shared/gemma3n/ beside the repo")
-        return json.loads(path.read_text())
+        config = json.loads(path.read_text())
+        return config if layers is None else cut_to_layers(config, layers)
+
+
+def cut_to_layers(config: dict, layers: int) -> dict:
+    """A shallower model of the same widths, for machines that cannot hold the real one.
+
+    Keeps the proportion of KV-sharing layers (rounded) and of sparse-MLP layers, the leading
+    attention pattern for the layers that own KV, and the trailing one for the sharing layers;
+    a sharing layer needs an owner of its attention type, so the last owner takes the type a
+    sharing layer would otherwise lack.
+    """
+    total = config["num_hidden_layers"]
+    if not 2 <= layers <= total:
+        raise ValueError(f"--layers must be between 2 and {total}")
+    shared = round(layers * config["num_kv_shared_layers"] / total)
+    owners = layers - shared
+    types = config["layer_types"][:owners] + config["layer_types"][total - shared:]
+    for layer_type in set(types[owners:]) - set(types[:owners]):
+        types[owners - 1] = layer_type
+    sparsity = config["activation_sparsity_pattern"]
+    sparse = round(layers * sum(1 for s in sparsity if s > 0) / total)
+    return dict(
+        config, num_hidden_layers=layers, num_kv_shared_layers=shared, layer_types=types,
+        intermediate_size=config["intermediate_size"][:layers],
+        activation_sparsity_pattern=[max(sparsity)] * sparse + [0.0] * (layers - sparse),
+    )
 
 
 def _tiny(num_layers: int, num_kv_shared: int, intermediate: int) -> dict:

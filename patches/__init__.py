@@ -58,6 +58,8 @@ def _mlp_init(self, config, layer_idx: int = 0):
 
 
 def _gaussian_topk(self, inputs: torch.Tensor) -> torch.Tensor:
+    if not hasattr(self, STD_MULTIPLIER):  # a model built before the fix was installed, run eagerly
+        _add_std_multiplier(self)
     # A constant in the exported graph; cast as upstream casts its float32 tensor.
     std_multiplier = torch.tensor(getattr(self, STD_MULTIPLIER), dtype=torch.float32).type(inputs.dtype)
     inputs_mean = torch.mean(inputs, dim=-1, keepdim=True)

@@ -13,7 +13,9 @@ from gemma3n_executorch.variants import BOS_ID
 from tests.conftest import run
 
 MAX_SEQ_LEN = 160
-KV_FLAGS = ("--mode", "kv", "--max-seq-len", str(MAX_SEQ_LEN), "--dtype", "fp32")
+# Unquantized fp32 on portable kernels: the program must match Hugging Face token for token.
+KV_FLAGS = ("--mode", "kv", "--max-seq-len", str(MAX_SEQ_LEN), "--dtype", "fp32", "--quantize", "none",
+            "--quantize-embeddings", "none", "--backend", "portable")
 NEW_TOKENS = 64
 PROMPT = [BOS_ID, 10, 200, 33, 47, 300, 12, 9, 100, 101]
 
@@ -59,10 +61,16 @@ def test_chat_second_turn_reuses_cache_and_equals_fresh_run(programs):
     assert again.tokens == second.tokens and len(second.tokens) > 0
 
 
-def test_stock_runner_produces_the_same_text(programs):
+# The --mode kv defaults: XNNPACK, 8da4w linears, 4-bit embeddings (tests/test_phone_program.py).
+# The tiny model is 64 wide: 32-weight groups, so its linear layers really are quantized.
+PHONE_FLAGS = ("--mode", "kv", "--max-seq-len", str(MAX_SEQ_LEN), "--group-size", "32", "--verbose")
+
+
+@pytest.mark.parametrize("flags", [KV_FLAGS, PHONE_FLAGS], ids=["portable-fp32", "phone"])
+def test_stock_runner_produces_the_same_text(programs, flags):
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
-    path = programs.get("e2b", *KV_FLAGS)
+    path = programs.get("e2b", *flags)
     tokenizer_path = tokenizer_path_for(path)
     prompt = "<start_of_turn>user\nWhat is a phone?<end_of_turn>\n<start_of_turn>model\n"
     ours = Generator(Program(path), load_tokenizer(tokenizer_path)).generate(

@@ -1,0 +1,292 @@
+"""Benchmark exported KV-cache programs against eager PyTorch, on random-weight Gemma 3n models of
+the real architecture (../shared/gemma3n/), in one run on one machine.
+
+    python bench.py --variant e2b [--layers N] [--configs LIST] [--prompt-len 128] [--new-tokens 128]
+                    [--json OUT.json] [--model tiny]
+
+A configuration is a name made of export options joined by '-': a backend (portable, xnnpack),
+a dtype (fp32, bf16), a linear scheme (int8, 8da4w), an embedding scheme (emb8w, emb4w) and a
+group size (g32); quantization not named is off, the dtype defaults to fp32 and the backend to
+what the quantization needs (xnnpack for 8da4w and quantized embeddings, else portable).
+'phone' is the --mode kv default recipe. With no --configs: the eager baselines and 'phone'.
+
+Every export and every measurement runs in its own process, so peak memory is its own. Each
+record: pte_bytes, load_s, prefill_tok_s, decode_tok_s, ttft_s, run_peak_rss_bytes,
+export_peak_rss_bytes, export_s, and the logit error against eager fp32 on the same tokens
+(teacher-forced: relative L2 and top-1 agreement). Eager baselines (``eager-fp32``,
+``eager-bf16``) run the Hugging Face model with its own KV cache, on the same weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from gemma3n_executorch.options import (BACKENDS, DEFAULT_GROUP_SIZE, DTYPES, EMBEDDING_SCHEMES, KV,  # noqa: E402
+                                        LINEAR_SCHEMES, MODE_DEFAULTS, resolve)
+from gemma3n_executorch.progress import UserError, log, memory_status, peak_rss_bytes  # noqa: E402
+from gemma3n_executorch.variants import BOS_ID, TINY_MODEL, VARIANTS  # noqa: E402
+
+EAGER = {"eager-fp32": "fp32", "eager-bf16": "bf16"}
+PHONE = "phone"  # the --mode kv defaults
+DEFAULT_CONFIGS = ["eager-fp32", "eager-bf16", PHONE]
+
+
+def parse_config(name: str, model: str, max_seq_len: int):
+    """'xnnpack-8da4w-emb4w-g64' -> ExportOptions; 'phone' -> the --mode kv defaults."""
+    if name == PHONE:
+        return resolve(KV, None, None, None, None, DEFAULT_GROUP_SIZE, model, max_seq_len)
+    chosen = dict(dtype=None, quantize="none", embeddings="none", backend=None, group_size=DEFAULT_GROUP_SIZE)
+    for part in name.split("-"):
+        if part in BACKENDS:
+            chosen["backend"] = part
+        elif part in DTYPES:
+            chosen["dtype"] = part
+        elif part in LINEAR_SCHEMES:
+            chosen["quantize"] = part
+        elif part.startswith("emb") and part[3:] in EMBEDDING_SCHEMES:
+            chosen["embeddings"] = part[3:]
+        elif part.startswith("g") and part[1:].isdigit():
+            chosen["group_size"] = int(part[1:])
+        else:
+            raise UserError(f"--configs: {part!r} in {name!r} is not a backend {BACKENDS}, dtype {DTYPES}, "
+                            f"linear scheme {LINEAR_SCHEMES}, emb{{8w,4w}} or gN")
+    if chosen["backend"] is None and chosen["quantize"] != "8da4w" and chosen["embeddings"] == "none":
+        chosen["backend"] = "portable"
+    chosen["dtype"] = chosen["dtype"] or "fp32"
+    try:
+        return resolve(KV, model=model, seq_len=max_seq_len, **chosen)
+    except ValueError as error:
+        raise UserError(f"--configs {name}: {error}") from None
+
+
+def build_model(args, dtype: str, attention: str | None = None):
+    from gemma3n_executorch import checkpoint
+
+    variant = VARIANTS[args.variant]
+    torch_dtype = checkpoint.TORCH_DTYPES[dtype]
+    if args.model == TINY_MODEL:
+        model = checkpoint.build_tiny(variant, torch_dtype)
+    else:
+        model = checkpoint.build_random(variant, args.layers, torch_dtype, attention or checkpoint.ATTENTION)
+    if attention:
+        model.set_attn_implementation(attention)
+    return model
+
+
+def prompt_tokens(args, vocab_size: int) -> list[int]:
+    from gemma3n_executorch.parity import probe_tokens
+
+    return probe_tokens(args.prompt_len, vocab_size, BOS_ID)
+
+
+# ---- child processes: one job each, result as JSON in --result ----
+
+def child_export(args) -> dict:
+    from gemma3n_executorch import checkpoint, exporter
+
+    options = parse_config(args.config, args.model, args.prompt_len + args.new_tokens)
+    model = build_model(args, options.dtype)
+    source = TINY_MODEL if args.model == TINY_MODEL else f"random {args.variant} ({model.config.num_hidden_layers} layers)"
+    summary = exporter.export_program(VARIANTS[args.variant], options, Path(args.output),
+                                      loaded=checkpoint.LoadedModel(model, source, None))
+    return {"pte_bytes": summary["bytes"], "export_s": summary["total_seconds"],
+            "export_peak_rss_bytes": summary["peak_rss_bytes"], "parameters": summary["parameters"],
+            "delegation": summary["delegation"], "export_stages_s": summary["seconds"]}
+
+
+def timed_generation(step, first_token, prompt: list[int], new_tokens: int) -> dict:
+    """Prefill the prompt in one call, then greedy-decode; ``step(tokens) -> last logits``."""
+    began = time.perf_counter()
+    logits = step(prompt)
+    token = first_token(logits)
+    ttft = time.perf_counter() - began
+    rows, tokens = [logits], [token]
+    began = time.perf_counter()
+    for _ in range(new_tokens - 1):
+        rows.append(step([tokens[-1]]))
+        tokens.append(first_token(rows[-1]))
+    decode = time.perf_counter() - began
+    return {"ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft, "decode_tok_s": (new_tokens - 1) / decode,
+            "tokens": tokens, "rows": rows}
+
+
+def child_run_program(args) -> dict:
+    import torch
+
+    from gemma3n_executorch.runtime import Program
+
+    began = time.perf_counter()
+    program = Program(args.output)
+    load_s = time.perf_counter() - began
+    result = timed_generation(program.step, lambda row: int(row.argmax()),
+                              prompt_tokens(args, program.info.vocab_size), args.new_tokens)
+    torch.save({"tokens": result.pop("tokens"), "rows": torch.stack(result.pop("rows")).float()}, args.logits)
+    # After decoding: how much of what is resident is the memory-mapped program file, and how much
+    # was allocated (XNNPACK's repacked weights, the KV cache, activations, the Python runtime).
+    memory = memory_status("RssFile", "RssAnon")
+    return dict(result, load_s=load_s, run_peak_rss_bytes=peak_rss_bytes(),
+                run_rss_file_bytes=memory["RssFile"], run_rss_anon_bytes=memory["RssAnon"])
+
+
+def child_run_eager(args) -> dict:
+    """Hugging Face's model with its own KV cache (DynamicCache) and default attention (SDPA)."""
+    import torch
+
+    began = time.perf_counter()
+    model = build_model(args, EAGER[args.config], attention="sdpa")
+    load_s = time.perf_counter() - began
+    state = {"cache": None, "position": 0}
+
+    def step(tokens: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            output = model(input_ids=torch.tensor([tokens]), past_key_values=state["cache"], use_cache=True,
+                           logits_to_keep=1)
+        state["cache"] = output.past_key_values
+        return output.logits[0, -1]
+
+    result = timed_generation(step, lambda row: int(row.argmax()),
+                              prompt_tokens(args, model.config.vocab_size), args.new_tokens)
+    torch.save({"tokens": result.pop("tokens"), "rows": torch.stack(result.pop("rows")).float()}, args.logits)
+    return dict(result, load_s=load_s, run_peak_rss_bytes=peak_rss_bytes(),
+                parameters=sum(p.numel() for p in model.parameters()))
+
+
+def child_quality(args) -> dict:
+    """Teacher-forced: eager fp32 logits on each configuration's own prompt + greedy tokens."""
+    import torch
+
+    from gemma3n_executorch import parity
+
+    model = build_model(args, "fp32")
+    prompt = prompt_tokens(args, model.config.vocab_size)
+    errors = {}
+    for name, path in json.loads(args.logits).items():
+        saved = torch.load(path)
+        sequence = prompt + saved["tokens"][:-1]
+        with torch.no_grad():
+            reference = model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0, len(prompt) - 1:]
+        agreement = parity.compare(saved["rows"], reference)
+        errors[name] = {"relative_l2_vs_fp32": agreement.relative_l2, "top1_vs_fp32": agreement.top1}
+    return errors
+
+
+CHILDREN = {"export": child_export, "run-program": child_run_program, "run-eager": child_run_eager,
+            "quality": child_quality}
+
+
+def spawn(job: str, args, **extra) -> dict:
+    """Run one job in a fresh interpreter; its progress goes to our stderr, its result comes back."""
+    with tempfile.NamedTemporaryFile(suffix=".json") as result:
+        command = [sys.executable, __file__, "--child", job, "--result", result.name, "--variant", args.variant,
+                   "--model", args.model, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+        if args.layers:
+            command += ["--layers", str(args.layers)]
+        for key, value in extra.items():
+            command += [f"--{key.replace('_', '-')}", str(value)]
+        completed = subprocess.run(command, stdin=subprocess.DEVNULL)
+        if completed.returncode != 0:
+            raise RuntimeError(f"bench {job} {extra.get('config', '')} failed (exit {completed.returncode})")
+        return json.loads(Path(result.name).read_text())
+
+
+def machine() -> str:
+    import os
+
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
+    return f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.python_implementation()} {platform.python_version()}"
+
+
+def run_all(args) -> list[dict]:
+    records, logits = [], {}
+    with tempfile.TemporaryDirectory(prefix="gemma3n-bench-", dir=args.work_dir) as work:
+        for name in args.configs:
+            log(f"== {name}")
+            saved = str(Path(work) / f"{name}.logits.pt")
+            if name in EAGER:
+                record = spawn("run-eager", args, config=name, logits=saved)
+                record.update(pte_bytes=None, export_s=None, export_peak_rss_bytes=None)
+            else:
+                options = parse_config(name, args.model, args.prompt_len + args.new_tokens)
+                output = Path(work) / f"{name}.pte"
+                record = spawn("export", args, config=name, output=output)
+                record.update(spawn("run-program", args, config=name, output=output, logits=saved))
+                record["options"] = {k: v for k, v in vars(options).items() if k not in ("model", "mode")}
+                output.unlink()
+            logits[name] = saved
+            records.append(dict(config=name, **record))
+            log(f"   {summary_line(records[-1])}")
+        log("== logit error against eager fp32")
+        errors = spawn("quality", args, logits=json.dumps(logits))
+    for record in records:
+        record.update(errors[record["config"]])
+    return records
+
+
+def summary_line(record: dict) -> str:
+    size = f"{record['pte_bytes'] / 1e9:.3f} GB, " if record.get("pte_bytes") else ""
+    return (f"{size}prefill {record['prefill_tok_s']:.1f} tok/s, decode {record['decode_tok_s']:.2f} tok/s, "
+            f"ttft {record['ttft_s']:.2f} s, run peak {record['run_peak_rss_bytes'] / 2**30:.2f} GiB")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
+    parser.add_argument("--layers", type=int, help="cut the real architecture to N layers (default: full depth)")
+    parser.add_argument("--model", default="random", choices=["random", TINY_MODEL],
+                        help="random: the real architecture with random weights; tiny: the test model (smoke runs)")
+    parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
+                        help=f"comma-separated (default {','.join(DEFAULT_CONFIGS)}); '{PHONE}' is "
+                             f"{'-'.join(v for k, v in MODE_DEFAULTS[KV].items() if k != 'embeddings')}-emb{MODE_DEFAULTS[KV]['embeddings']}")
+    parser.add_argument("--prompt-len", type=int, default=128)
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--json", type=Path, help="write the records here")
+    parser.add_argument("--work-dir", help="where the programs are written while measured (default: the temp dir)")
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    parser.add_argument("--config", help=argparse.SUPPRESS)
+    parser.add_argument("--output", help=argparse.SUPPRESS)
+    parser.add_argument("--logits", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.prompt_len < 2 or args.new_tokens < 2:
+        parser.error("--prompt-len and --new-tokens must be at least 2")
+    if args.child:
+        Path(args.result).write_text(json.dumps(CHILDREN[args.child](args)))
+        return 0
+    args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    try:
+        for name in args.configs:
+            if name not in EAGER:
+                parse_config(name, args.model, args.prompt_len + args.new_tokens)
+        if args.json:
+            from gemma3n_executorch.preflight import check_output
+
+            check_output(args.json, ".json", "--json")
+        if args.model != TINY_MODEL:
+            VARIANTS[args.variant].real_text_config(args.layers)
+    except (UserError, ValueError, FileNotFoundError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    began = time.perf_counter()
+    records = run_all(args)
+    report = {"variant": args.variant, "model": args.model, "layers": args.layers, "prompt_len": args.prompt_len,
+              "new_tokens": args.new_tokens, "machine": machine(), "seconds": time.perf_counter() - began,
+              "records": records}
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+        log(f"wrote {args.json}")
+    else:
+        print(json.dumps(report, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

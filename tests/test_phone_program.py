@@ -1,0 +1,125 @@
+"""The phone recipe (the --mode kv defaults: XNNPACK, 8da4w linears, 4-bit embeddings and lm_head)
+against Hugging Face eager: the same torchao quantization run eagerly, and unquantized fp32."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gemma3n_executorch import checkpoint, parity, quantize
+from gemma3n_executorch.runtime import Program
+from gemma3n_executorch.variants import BOS_ID, VARIANTS
+from tests.conftest import run
+from tests.test_kv_generation import MAX_SEQ_LEN, PHONE_FLAGS
+
+SEQUENCE = parity.probe_tokens(96, 512, BOS_ID)  # 96 > 2 x the sliding window of 16
+
+
+def teacher_forced(path) -> torch.Tensor:
+    """The program's logits at every position of SEQUENCE, one decode step at a time after a
+    one-call prefill of the first 8 tokens."""
+    program = Program(path)
+    rows = [program.step(SEQUENCE[:8])]
+    rows += [program.step([token]) for token in SEQUENCE[8:]]
+    return torch.stack(rows)
+
+
+def eager(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model(input_ids=torch.tensor([SEQUENCE]), use_cache=False).logits[0, 7:]
+
+
+@pytest.fixture(scope="module")
+def phone_logits(programs):
+    return teacher_forced(programs.get("e2b", *PHONE_FLAGS))
+
+
+@pytest.fixture(scope="module")
+def eager_quantized_logits():
+    model = checkpoint.build_tiny(VARIANTS["e2b"])
+    quantize.apply(model, "8da4w", "4w", 32)
+    return eager(model)
+
+
+def test_phone_program_agrees_with_the_same_quantization_run_eagerly(phone_logits, eager_quantized_logits):
+    agreement = parity.compare(phone_logits, eager_quantized_logits)
+    assert agreement.within(parity.tolerance_for("fp32", "8da4w", "4w")), agreement
+
+
+def test_phone_program_error_against_fp32_is_no_worse_than_eager_quantization(
+        phone_logits, eager_quantized_logits, tiny_models):
+    fp32 = eager(tiny_models("e2b"))
+    program, peer = parity.compare(phone_logits, fp32), parity.compare(eager_quantized_logits, fp32)
+    assert program.relative_l2 <= peer.relative_l2 + parity.PEER_MARGIN, (program, peer)
+    assert program.top1 >= peer.top1 - parity.PEER_MARGIN, (program, peer)
+    assert program.relative_l2 > 0.05  # the weights really are quantized
+
+
+def test_phone_program_delegates_every_quantized_linear(programs):
+    log = programs.log("e2b", *PHONE_FLAGS)
+    assert "xnnpack:" in log
+    fp32 = programs.get("e2b", "--mode", "kv", "--max-seq-len", str(MAX_SEQ_LEN), "--dtype", "fp32",
+                        "--quantize", "none", "--quantize-embeddings", "none", "--backend", "portable")
+    phone = programs.get("e2b", *PHONE_FLAGS)
+    # Tiny widths keep the floating-point layers (norm scales, AltUp's small matrices) a large
+    # share, so the ratio is far from the real model's 7x; any unquantized table would undo it.
+    assert phone.stat().st_size < fp32.stat().st_size / 2
+
+
+@pytest.mark.parametrize("flags, advice", [
+    (("--quantize", "8da4w", "--backend", "portable"), "--backend xnnpack"),
+    (("--quantize", "int8", "--backend", "xnnpack"), "--quantize 8da4w"),
+    (("--quantize-embeddings", "4w", "--dtype", "bf16"), "--dtype fp32"),
+    (("--quantize", "8da4w", "--group-size", "7"), "--group-size"),
+])
+def test_combinations_without_kernels_are_refused(tmp_path, flags, advice):
+    output = tmp_path / "refused.pte"
+    result = run("e2b/export.py", "--model", "tiny", "--output", str(output), *flags)
+    assert result.returncode == 2 and advice in result.stderr and "Traceback" not in result.stderr
+    assert not output.exists()
+
+
+def test_bench_smoke_records_match_the_contract(tmp_path):
+    """bench.py on the tiny model: every record has the contract's keys, and its error column is
+    right (the portable fp32 program is the fp32 model; Hugging Face SDPA is eager attention)."""
+    out = tmp_path / "bench.json"
+    result = run("bench.py", "--variant", "e2b", "--model", "tiny", "--configs", "eager-fp32,portable-fp32",
+                 "--prompt-len", "16", "--new-tokens", "8", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    records = {r["config"]: r for r in json.loads(out.read_text())["records"]}
+    keys = {"config", "pte_bytes", "prefill_tok_s", "decode_tok_s", "ttft_s", "run_peak_rss_bytes",
+            "export_peak_rss_bytes", "export_s"}
+    assert set(records) == {"eager-fp32", "portable-fp32"} and all(keys <= set(r) for r in records.values())
+    program = records["portable-fp32"]
+    assert program["pte_bytes"] > 0 and program["export_s"] > 0 and program["decode_tok_s"] > 0
+    assert program["relative_l2_vs_fp32"] < 1e-5 and program["top1_vs_fp32"] == 1.0
+    assert records["eager-fp32"]["relative_l2_vs_fp32"] < 1e-5 and records["eager-fp32"]["pte_bytes"] is None
+
+
+@pytest.mark.parametrize("kind", ["embedding", "linear"])
+def test_row_block_quantization_equals_whole_matrix(kind):
+    """Big tables are quantized in row blocks to bound memory; the result must not change."""
+    rows = 2 * quantize.ROWS_PER_BLOCK + 123
+    weight = torch.randn(rows, 64, generator=torch.Generator().manual_seed(0))
+
+    def module():
+        if kind == "embedding":
+            return torch.nn.Embedding(rows, 64, _weight=weight.clone())
+        linear = torch.nn.Linear(64, rows, bias=False)
+        linear.weight = torch.nn.Parameter(weight.clone())
+        return linear
+
+    def quantize_one(m):
+        if kind == "embedding":
+            quantize.quantize_model(m, qembedding_config="4w", qembedding_group_size=0)
+        else:
+            quantize.quantize_linears(m, "8da4w", 32)
+
+    whole, blocks = module(), module()
+    quantize_one(whole)
+    quantize.in_row_blocks(blocks, quantize_one)
+    assert torch.equal(whole.weight.qdata, blocks.weight.qdata)
+    assert torch.equal(whole.weight.scale, blocks.weight.scale)
+    assert not torch.equal(whole.weight.dequantize(), weight)  # it really is quantized
