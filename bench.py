@@ -119,9 +119,14 @@ def timed_generation(step, first_token, prompt: list[int], new_tokens: int) -> d
             "tokens": tokens, "rows": rows}
 
 
-def child_run_program(args) -> dict:
+def save_logits(result: dict, path: str) -> None:
+    """Move the generated tokens and logits out of ``result`` to ``path``, for the quality job."""
     import torch
 
+    torch.save({"tokens": result.pop("tokens"), "rows": torch.stack(result.pop("rows")).float()}, path)
+
+
+def child_run_program(args) -> dict:
     from gemma3n_executorch.runtime import Program
 
     began = time.perf_counter()
@@ -129,7 +134,7 @@ def child_run_program(args) -> dict:
     load_s = time.perf_counter() - began
     result = timed_generation(program.step, lambda row: int(row.argmax()),
                               prompt_tokens(args, program.info.vocab_size), args.new_tokens)
-    torch.save({"tokens": result.pop("tokens"), "rows": torch.stack(result.pop("rows")).float()}, args.logits)
+    save_logits(result, args.logits)
     # After decoding: how much of what is resident is the memory-mapped program file, and how much
     # was allocated (XNNPACK's repacked weights, the KV cache, activations, the Python runtime).
     memory = memory_status("RssFile", "RssAnon")
@@ -155,7 +160,7 @@ def child_run_eager(args) -> dict:
 
     result = timed_generation(step, lambda row: int(row.argmax()),
                               prompt_tokens(args, model.config.vocab_size), args.new_tokens)
-    torch.save({"tokens": result.pop("tokens"), "rows": torch.stack(result.pop("rows")).float()}, args.logits)
+    save_logits(result, args.logits)
     return dict(result, load_s=load_s, run_peak_rss_bytes=peak_rss_bytes(),
                 parameters=sum(p.numel() for p in model.parameters()))
 

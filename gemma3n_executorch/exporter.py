@@ -79,7 +79,6 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
     with timer.stage("lower"):
         program, delegation = lowering.lower(exported, options.backend, info.constant_methods(),
                                              quantized_embeddings=options.embeddings != "none", verbose=verbose)
-        del exported
     with timer.stage("serialize"):
         size = lowering.write_atomically(program, output)
         tokenizer = write_tokenizer(loaded, output)
