@@ -26,9 +26,13 @@ def seconds(value) -> str:
     return "-" if value is None else f"{value:.0f}"
 
 
+def number(value, form: str) -> str:
+    return "-" if value is None else format(value, form)
+
+
 def ratios(record: dict, baseline: dict | None) -> str:
     if baseline is None:
-        return "(no eager run)"
+        return "(no eager fp32 run)"
     return (f"{record['prefill_tok_s'] / baseline['prefill_tok_s']:.2f}x / "
             f"{record['decode_tok_s'] / baseline['decode_tok_s']:.2f}x")
 
@@ -45,15 +49,16 @@ def table(report: dict) -> str:
         f"{report['machine']}; bench run took {report['seconds'] / 60:.1f} min.",
         "",
         "| config | .pte GB | load s | prefill tok/s | decode tok/s | vs eager fp32 (prefill / decode) | ttft s "
-        "| run peak GiB | export s | export peak GiB | rel. L2 vs fp32 | top-1 vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| run peak GiB | resident after decode: file / anon GiB | export s | export peak GiB | rel. L2 vs fp32 | top-1 vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["records"]:
         lines.append(
             f"| {r['config']} | {gb(r['pte_bytes'])} | {r['load_s']:.1f} | {r['prefill_tok_s']:.1f} "
             f"| {r['decode_tok_s']:.2f} | {ratios(r, baseline)} | {r['ttft_s']:.2f} | {gib(r['run_peak_rss_bytes'])} "
-            f"| {seconds(r['export_s'])} | {gib(r['export_peak_rss_bytes'])} | {r['relative_l2_vs_fp32']:.3g} "
-            f"| {r['top1_vs_fp32']:.3f} |")
+            f"| {gib(r.get('run_rss_file_bytes'))} / {gib(r.get('run_rss_anon_bytes'))} "
+            f"| {seconds(r['export_s'])} | {gib(r['export_peak_rss_bytes'])} | {number(r['relative_l2_vs_fp32'], '.3g')} "
+            f"| {number(r['top1_vs_fp32'], '.3f')} |")
     return "\n".join(lines)
 
 

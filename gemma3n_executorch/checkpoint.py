@@ -8,10 +8,12 @@ instantiated and only text weights are read, so ``timm`` is not needed.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 from transformers.utils import logging as hf_logging
 
@@ -22,6 +24,7 @@ from .variants import TINY_MODEL, Variant
 # Multimodal checkpoints nest the decoder one level deeper than Gemma3nForCausalLM expects.
 TEXT_KEY_MAPPING = {r"^model\.language_model\.": "model."}
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # keys: options.DTYPES
+STORED_DTYPE = torch.bfloat16  # how the published Gemma 3n checkpoints store their weights
 # Hugging Face's own attention code (softmax in fp32), not torch SDPA: it exports as plain ops, and
 # the exported program's reference is then the same math. Measured on tiny E4B in bf16: argmax
 # agreement of the program with eager rises from 0.94 (SDPA) to 0.965.
@@ -76,6 +79,47 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
         model.model.norm.weight.mul_(4.0)
 
 
+@contextlib.contextmanager
+def _parameters_on_meta():
+    """Modules built inside get their parameters on the meta device (no memory), their buffers for
+    real: what is computed at construction without the weights."""
+    register = nn.Module.register_parameter
+
+    def on_meta(module, name, parameter):
+        if parameter is not None:
+            parameter = nn.Parameter(parameter.to("meta"), parameter.requires_grad)
+        register(module, name, parameter)
+
+    nn.Module.register_parameter = on_meta
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = register
+
+
+def cast_(model: Gemma3nForCausalLM, dtype: torch.dtype) -> None:
+    """Every floating-point tensor not yet quantized to ``dtype``, in place (tied weights stay tied).
+
+    Buffers computed at construction (embedding and per-layer scales, the AltUp router scale, RoPE
+    frequencies) are recomputed as a model built in ``dtype`` has them: a bf16 checkpoint cast to
+    fp32 would otherwise keep them rounded to bf16 (about 1e-4 off Hugging Face's fp32 model).
+    """
+    for parameter in model.parameters():
+        if type(parameter.data) is torch.Tensor and parameter.is_floating_point():
+            parameter.data = parameter.data.to(dtype)
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with _parameters_on_meta():
+            constructed = dict(Gemma3nForCausalLM(model.config).named_buffers())
+    finally:
+        torch.set_default_dtype(default)
+    for name, buffer in list(model.named_buffers()):
+        if buffer.is_floating_point():
+            owner, _, attribute = name.rpartition(".")
+            model.get_submodule(owner)._buffers[attribute] = constructed[name].to(dtype)
+
+
 def build_tiny(variant: Variant, dtype: torch.dtype = torch.float32, seed: int = 0) -> Gemma3nForCausalLM:
     model = Gemma3nForCausalLM(Gemma3nTextConfig(**variant.tiny_config))
     randomize_(model, seed)
@@ -83,16 +127,19 @@ def build_tiny(variant: Variant, dtype: torch.dtype = torch.float32, seed: int =
     return model.to(dtype).eval()
 
 
-def build_random(variant: Variant, layers: int | None = None, dtype: torch.dtype = torch.float32,
+def build_random(variant: Variant, layers: int | None = None, dtype: torch.dtype | None = None,
                  attention: str = ATTENTION, seed: int = 0) -> Gemma3nForCausalLM:
     """A random-weight model of the real architecture (optionally cut to ``layers``): what it
-    costs to run does not depend on the weights' values."""
+    costs to run does not depend on the weights' values. Generated in bf16, as the published
+    checkpoints are stored (E4B in fp32 would not fit in 24 GB), then cast to ``dtype`` if given."""
     config = variant.real_text_config(layers)
     config.pop("model_type", None), config.pop("torch_dtype", None)
-    model = Gemma3nForCausalLM(Gemma3nTextConfig(**config))
+    model = Gemma3nForCausalLM._from_config(Gemma3nTextConfig(**config), dtype=STORED_DTYPE)
     randomize_(model, seed)
     model.set_attn_implementation(attention)
-    return model.to(dtype).eval()
+    if dtype is not None:
+        cast_(model, dtype)
+    return model.eval()
 
 
 def resolve_directory(model: str) -> Path:
@@ -113,9 +160,12 @@ def resolve_directory(model: str) -> Path:
         ) from None
 
 
-def load(model: str, variant: Variant, dtype: torch.dtype) -> LoadedModel:
+def load(model: str, variant: Variant, dtype: torch.dtype | None = None) -> LoadedModel:
+    """The text decoder in ``dtype``, or with None as its checkpoint stores it (the published ones:
+    bf16), for ``quantize.apply`` to bring to the export dtype one module at a time, so that the
+    wider copy (fp32 E4B: 27.5 GB) never exists whole."""
     if model == TINY_MODEL:
-        return LoadedModel(build_tiny(variant, dtype), TINY_MODEL, None)
+        return LoadedModel(build_tiny(variant, dtype or torch.float32), TINY_MODEL, None)
     directory = resolve_directory(model)
     text_config = Gemma3nTextConfig.from_dict(preflight.text_config(directory))
     if not any(directory.glob("*.safetensors")):
@@ -124,7 +174,7 @@ def load(model: str, variant: Variant, dtype: torch.dtype) -> LoadedModel:
     hf_logging.set_verbosity_error()  # the towers' weights are "unexpected" by design
     try:
         text_model = Gemma3nForCausalLM.from_pretrained(
-            directory, config=text_config, dtype=dtype, key_mapping=TEXT_KEY_MAPPING, attn_implementation=ATTENTION
+            directory, config=text_config, dtype=dtype or "auto", key_mapping=TEXT_KEY_MAPPING, attn_implementation=ATTENTION
         )
     finally:
         hf_logging.set_verbosity(verbosity)

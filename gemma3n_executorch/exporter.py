@@ -13,7 +13,8 @@ from pathlib import Path
 
 from . import preflight
 from .options import (BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_SEQ_LEN, DEFAULT_SEQ_LEN, DTYPES,
-                      EMBEDDING_SCHEMES, FIXED, KV, LINEAR_SCHEMES, MODE_DEFAULTS, MODES, ExportOptions, resolve)
+                      EMBEDDING_SCHEMES, FIXED, KV, LINEAR_SCHEMES, MODE_DEFAULTS, MODES, PER_CHANNEL, ExportOptions,
+                      resolve)
 from .progress import StageTimer, UserError, gib, human_bytes, log, peak_rss_bytes
 from .variants import TINY_MODEL, Variant
 
@@ -30,6 +31,8 @@ def default_output(variant: Variant, options: ExportOptions) -> Path:
         parts.append("kv")
     if options.quantize != "none":
         parts.append(options.quantize)
+    if options.quantize == "8da4w" and options.group_size != DEFAULT_GROUP_SIZE:
+        parts.append(f"g{options.group_size}")
     if options.embeddings != "none":
         parts.append(f"emb{options.embeddings}")
     if options.backend != "portable":
@@ -41,18 +44,19 @@ def prepare(model, options: ExportOptions, timer: StageTimer):
     """Patch, wrap and quantize an eager model: the module that gets exported."""
     import patches
 
-    from . import lowering, quantize, tasks
+    from . import checkpoint, lowering, quantize, tasks
 
     with timer.stage("patch"):
         applied = patches.apply(model)
         log(f"  runtime fixes in force: {', '.join(applied) or 'none needed'}")
+    with timer.stage("quantize"):  # before wrapping: the KV caches take the export dtype
+        quantize.apply(model, options.quantize, options.embeddings, options.group_size,
+                       checkpoint.TORCH_DTYPES[options.dtype])
     if options.mode == FIXED:
         module = tasks.FixedWindowLM(model, options.seq_len).eval()
     else:
         module = tasks.KVCacheLM(model, options.seq_len).eval()
     lowering.prepare_for_backend(module, options.backend)
-    with timer.stage("quantize"):
-        quantize.apply(module.model, options.quantize, options.embeddings, options.group_size)
     return module
 
 
@@ -65,7 +69,7 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
     timer = timer or StageTimer()
     if loaded is None:
         with timer.stage("load"):
-            loaded = checkpoint.load(options.model, variant, checkpoint.TORCH_DTYPES[options.dtype])
+            loaded = checkpoint.load(options.model, variant)  # as stored; prepare() casts
     log(f"  {loaded.num_parameters / 1e6:.1f} M text parameters from {loaded.source}")
     module = prepare(loaded.model, options, timer)
     info = ProgramInfo(
@@ -123,7 +127,8 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
                         help="linear layers: int8 weight-only (portable), or int8 dynamic activations x int4 "
                              f"grouped weights (8da4w, XNNPACK); default: fixed {fixed['quantize']}, kv {kv['quantize']}")
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
-                        help=f"8da4w: weights per int4 scale (default {DEFAULT_GROUP_SIZE})")
+                        help=f"8da4w: weights per int4 scale along the input (default {DEFAULT_GROUP_SIZE}); "
+                             f"{PER_CHANNEL}: one scale per output channel, faster and coarser")
     parser.add_argument("--quantize-embeddings", choices=EMBEDDING_SCHEMES,
                         help="token embedding, per-layer embedding table and tied lm_head: 8-bit or 4-bit "
                              f"(XNNPACK); default: fixed {fixed['embeddings']}, kv {kv['embeddings']}")
@@ -146,8 +151,10 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
 
 
 def describe_quantization(options: ExportOptions) -> str:
-    group = f" (group {options.group_size})" if options.quantize == "8da4w" or options.embeddings == "4w" else ""
-    return f"quantize {options.quantize}, embeddings {options.embeddings}{group}"
+    group = ""
+    if options.quantize == "8da4w":
+        group = " (per channel)" if options.group_size == PER_CHANNEL else f" (group {options.group_size})"
+    return f"quantize {options.quantize}{group}, embeddings {options.embeddings}"
 
 
 def main(variant: Variant, argv: list[str] | None = None) -> int:

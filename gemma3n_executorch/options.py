@@ -16,6 +16,7 @@ LINEAR_SCHEMES = ("none", "int8", "8da4w")
 EMBEDDING_SCHEMES = ("none", "8w", "4w")
 BACKENDS = ("portable", "xnnpack")
 DEFAULT_GROUP_SIZE = 128  # measured: faster on XNNPACK than 32 (docs/benchmarks.md), and smaller
+PER_CHANNEL = 0  # --group-size 0: one int4 scale per output channel (XNNPACK's fastest 4-bit kernels)
 
 # --mode fixed keeps the original project's contract; --mode kv defaults are the phone recipe,
 # chosen by measurement (docs/benchmarks.md).
@@ -63,7 +64,8 @@ def resolve(mode: str, dtype: str | None, quantize: str | None, embeddings: str 
     if quantize == "int8" and backend == "xnnpack":
         raise ValueError("--quantize int8 (weight-only) has no XNNPACK kernel: use --quantize 8da4w with "
                          "--backend xnnpack, or int8 with --backend portable")
-    if group_size < 2 or group_size % 2:
-        raise ValueError("--group-size must be an even number of at least 2 (32 is the usual choice)")
+    if group_size != PER_CHANNEL and (group_size < 2 or group_size % 2):
+        raise ValueError(f"--group-size must be an even number of at least 2 ({DEFAULT_GROUP_SIZE} is the default), "
+                         f"or {PER_CHANNEL} for one scale per output channel")
     return ExportOptions(model=model, mode=mode, dtype=dtype, quantize=quantize, embeddings=embeddings,
                          group_size=group_size, backend=backend, seq_len=seq_len)

@@ -1,14 +1,20 @@
 """How to quantize: torchao configurations, applied in place before export through ExecuTorch's
 own LLM quantizer (``quantize_model_``).
 
-* ``--quantize`` covers the decoder's linear layers. Layers whose input width is not a multiple of
-  the group size (AltUp's 4->4 router and 4->16 coefficients, Laurel's rank-64 up-projection) stay
-  in floating point: they are a few thousand parameters per layer.
+* ``--quantize`` covers the decoder's linear layers, in groups of ``--group-size`` weights along
+  the input, or with one scale per output channel (group size 0). Layers whose input width is not
+  a multiple of the group size stay in floating point (AltUp's 4->4 and 4->16 stream mixers,
+  Laurel's rank-64 up-projection: a few thousand parameters per layer); per channel, those with
+  fewer than ``MIN_PER_CHANNEL_INPUTS`` inputs do.
 * ``--quantize-embeddings`` covers the token embedding and the per-layer embedding table, which are
   only gathered, one row per token. Their rows get one scale each.
-* The lm_head is tied to the token embedding: when embeddings are quantized it gets the same bit
-  width (8w: int8 per row; 4w: int4 in groups), so the one matrix is not int4 at the input and
+* The lm_head is tied to the token embedding: when embeddings are quantized it gets the same
+  quantization, bit width and one scale per row, so the one matrix is not int4 at the input and
   float at the output; otherwise it follows ``--quantize``.
+
+The model comes as its checkpoint stores it (bf16) and reaches the export dtype one module at a
+time, each cast just before it is quantized: the fp32 copy of the whole model (E4B: 27.5 GB)
+never exists.
 """
 
 from __future__ import annotations
@@ -20,38 +26,35 @@ import warnings
 import torch
 from torch import nn
 
+from .options import PER_CHANNEL
 from .progress import log
 
-EMBEDDING_GROUP_SIZE = 0  # one scale per row: the per-layer table's rows are 7680 wide (E2B)
-LM_HEAD_SCHEME = {"8w": ("8da8w", 0), "4w": ("8da4w", None)}  # None: the --group-size
+EMBEDDING_GROUP_SIZE = PER_CHANNEL  # one scale per row: the per-layer table's rows are 7680 wide (E2B)
+LM_HEAD_SCHEME = {"8w": "8da8w", "4w": "8da4w"}  # per row, as the embedding it is tied to
+MIN_PER_CHANNEL_INPUTS = 32  # AltUp's stream mixers have 4 inputs, each a whole stream: keep them float
 # Quantization works on fp32 copies of the whole matrix (about 20 GB of temporaries for E2B's
 # 2 B-value per-layer table); every scale covers part of one row, so row blocks give the same
 # result in bounded memory.
 ROWS_PER_BLOCK = 16384
 
 
-def quantize_model(module: nn.Module, **config) -> list[str]:
-    """ExecuTorch's quantize_model_, its per-layer prints gathered; returns the layers it skipped."""
+def quantize_model(module: nn.Module, **config) -> None:
+    """ExecuTorch's quantize_model_, its per-layer prints silenced (the caller chose the layers)."""
     from executorch.extension.llm.export.quantize import quantize_model_
 
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed), warnings.catch_warnings():
+    with contextlib.redirect_stdout(io.StringIO()), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="quantize_model_ is experimental")
-        quantize_model_(module, skip_incompatible_shapes=True, **config)
-    return [line.split()[1].rstrip(":") for line in printed.getvalue().splitlines() if line.strip().startswith("Skipping")]
+        quantize_model_(module, **config)
 
 
-def in_row_blocks(module: nn.Module, quantize_one) -> None:
-    """Quantize a large nn.Embedding / nn.Linear block by block of rows and reassemble torchao's
-    tensor; ``quantize_one(module)`` quantizes a module in place."""
+def in_row_blocks(module: nn.Module, dtype: torch.dtype, quantize_one) -> None:
+    """Quantize a large nn.Embedding / nn.Linear block by block of rows, each cast to ``dtype``,
+    and reassemble torchao's tensor; ``quantize_one(module)`` quantizes a module in place."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
-    weight = module.weight.detach()
-    if weight.shape[0] <= ROWS_PER_BLOCK:
-        quantize_one(module)
-        return
     pieces = []
-    for block in weight.split(ROWS_PER_BLOCK):
+    for block in module.weight.detach().split(ROWS_PER_BLOCK):
+        block = block.to(dtype)
         piece = nn.Embedding(*block.shape, _weight=block) if isinstance(module, nn.Embedding) else \
             nn.Linear(block.shape[1], block.shape[0], bias=False)
         if isinstance(piece, nn.Linear):
@@ -59,49 +62,70 @@ def in_row_blocks(module: nn.Module, quantize_one) -> None:
         quantize_one(piece)
         pieces.append(piece.weight)
     first = pieces[0]
-    joined = IntxUnpackedToInt8Tensor(
+    joined = first.data if len(pieces) == 1 else IntxUnpackedToInt8Tensor(
         torch.cat([p.qdata for p in pieces]), torch.cat([p.scale for p in pieces]),
         torch.cat([p.zero_point for p in pieces]), first.target_dtype, first.block_size, first.dtype,
         first.activation_quantization)
     module.weight = nn.Parameter(joined, requires_grad=False)
 
 
-def _int8_weight_only(module: nn.Module) -> None:
-    from torchao.quantization import Int8WeightOnlyConfig, quantize_
-
-    quantize_(module, Int8WeightOnlyConfig(), filter_fn=lambda m, _fqn: isinstance(m, nn.Linear))
-
-
-def quantize_linears(module: nn.Module, scheme: str, group_size: int) -> list[str]:
+def quantizable(linear: nn.Linear, scheme: str, group_size: int) -> bool:
     if scheme == "int8":
-        _int8_weight_only(module)
-        return []
-    if scheme in ("8da4w", "8da8w"):
-        return quantize_model(module, qlinear_config=scheme, qlinear_group_size=group_size)
-    raise ValueError(f"unknown linear quantization {scheme!r}")
+        return True
+    if group_size == PER_CHANNEL:
+        return linear.in_features >= MIN_PER_CHANNEL_INPUTS
+    return linear.in_features % group_size == 0
 
 
-def apply(model: nn.Module, linear: str, embeddings: str, group_size: int) -> None:
-    """Quantize a Gemma3nForCausalLM in place; the exporter and the eager references both come
-    through here, so they quantize identically."""
+def quantize_linear(linear: nn.Linear, scheme: str, group_size: int) -> None:
+    if scheme == "int8":
+        from torchao.quantization import Int8WeightOnlyConfig, quantize_
+
+        quantize_(linear, Int8WeightOnlyConfig())
+    elif scheme in ("8da4w", "8da8w"):
+        quantize_model(linear, qlinear_config=scheme, qlinear_group_size=group_size)
+    else:
+        raise ValueError(f"unknown linear quantization {scheme!r}")
+
+
+def quantize_linears(module: nn.Module, scheme: str, group_size: int, dtype: torch.dtype) -> list[str]:
+    """Every nn.Linear in ``module`` that the scheme can take, cast to ``dtype`` then quantized;
+    returns the names of those left as they were."""
+    skipped = []
+    for name, linear in list(module.named_modules()):
+        if isinstance(linear, nn.Linear):
+            if quantizable(linear, scheme, group_size):
+                quantize_linear(linear.to(dtype), scheme, group_size)
+            else:
+                skipped.append(name)
+    return skipped
+
+
+def apply(model: nn.Module, linear: str, embeddings: str, group_size: int, dtype: torch.dtype) -> None:
+    """Bring a Gemma3nForCausalLM, as loaded, to ``dtype`` and the given quantization, in place;
+    the exporter and the eager references both come through here, so they quantize identically."""
+    from .checkpoint import cast_
+
     decoder = model.model
     skipped = []
-    if linear != "none":  # first: it frees most of the float weights before the big tables
-        skipped = quantize_linears(decoder, linear, group_size)
+    if linear != "none":  # first: it frees most of the weights before the big tables
+        skipped = quantize_linears(decoder, linear, group_size, dtype)
     if embeddings != "none":
         for table in (decoder.embed_tokens, decoder.embed_tokens_per_layer):
             # padding_idx only matters for training, but ExecuTorch's pass that turns torchao's
             # dequantize + embedding into its quantized embedding kernels only matches embeddings
             # without one; Gemma 3n's have padding_idx 0.
             table.padding_idx = None
-            in_row_blocks(table, lambda piece: quantize_model(
+            in_row_blocks(table, dtype, lambda piece: quantize_model(
                 piece, qembedding_config=embeddings, qembedding_group_size=EMBEDDING_GROUP_SIZE))
-    head_scheme, head_group = LM_HEAD_SCHEME.get(embeddings, (linear, None))
-    if head_scheme == "int8":
-        _int8_weight_only(model.lm_head)
+        head_scheme, head_group = LM_HEAD_SCHEME[embeddings], EMBEDDING_GROUP_SIZE
+    else:
+        head_scheme, head_group = linear, group_size
+    if head_scheme == "int8":  # weight-only int8 quantizes in place, with no fp32 temporaries to bound
+        quantize_linear(model.lm_head.to(dtype), head_scheme, head_group)
     elif head_scheme != "none":
-        head_group = group_size if head_group is None else head_group
-        in_row_blocks(model.lm_head, lambda piece: quantize_linears(piece, head_scheme, head_group))
+        in_row_blocks(model.lm_head, dtype, lambda piece: quantize_linear(piece, head_scheme, head_group))
+    cast_(model, dtype)
     if skipped:
-        log(f"  {len(skipped)} linear layers kept in floating point (input width not a multiple of "
+        log(f"  {len(skipped)} linear layers kept in floating point (input too narrow for group size "
             f"{group_size}), e.g. {skipped[0]}")

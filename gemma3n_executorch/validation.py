@@ -48,12 +48,12 @@ def run_program(program: Program, num_tokens: int) -> tuple[list[int], torch.Ten
 def eager_reference(program: Program, model: str) -> torch.nn.Module:
     """The same checkpoint as the program, eagerly, in the program's dtype and quantization."""
     info = program.info
-    loaded = checkpoint.load(model, VARIANTS[info.variant.lower()], TORCH_DTYPES[info.dtype])
+    loaded = checkpoint.load(model, VARIANTS[info.variant.lower()])
     if loaded.config.vocab_size != info.vocab_size:
         raise UserError(f"--model {model}: vocab {loaded.config.vocab_size} but the program's is {info.vocab_size}; "
                         "pass the checkpoint the program was exported from")
     patches.apply(loaded.model)
-    quantize.apply(loaded.model, info.quantize, info.embeddings, info.group_size)
+    quantize.apply(loaded.model, info.quantize, info.embeddings, info.group_size, TORCH_DTYPES[info.dtype])
     return loaded.model
 
 

@@ -51,7 +51,7 @@ def test_int8_agrees_with_eager_int8(programs, tiny_models):
 
     path = programs.get("e2b", "--dtype", "fp32", "--quantize", "int8")
     eager_int8 = checkpoint.build_tiny(VARIANTS["e2b"], torch.float32)
-    quantize.apply(eager_int8, "int8", "none", 32)
+    quantize.apply(eager_int8, "int8", "none", 32, torch.float32)
     actual, expected = program_and_reference_logits(path, eager_int8)
     _, unquantized = program_and_reference_logits(path, tiny_models("e2b"))
     assert parity.compare(actual, expected).top1 >= BF16_PEER_TOP1  # at least as close as bf16 to its peer
@@ -107,3 +107,5 @@ def test_default_output_names():
         "Gemma3n-E2B-IT-tiny-random-text-only-kv-8da4w-emb4w-xnnpack.pte"
     assert str(parse_args(VARIANTS["e2b"], ["--mode", "kv", "--backend", "portable", "--quantize", "none",
                                             "--quantize-embeddings", "none"])[1]) == "Gemma3n-E2B-IT-text-only-kv.pte"
+    assert str(parse_args(VARIANTS["e2b"], ["--mode", "kv", "--group-size", "0"])[1]) == \
+        "Gemma3n-E2B-IT-text-only-kv-8da4w-g0-emb4w-xnnpack.pte"

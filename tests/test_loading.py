@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma3n_executorch import checkpoint
+from gemma3n_executorch import checkpoint, quantize
 from gemma3n_executorch.progress import UserError
 from gemma3n_executorch.variants import VARIANTS
 from tests.checkpoints import write_multimodal, write_text_only
@@ -45,3 +45,21 @@ def test_wrong_model_type_is_refused(tmp_path):
     (tmp_path / "config.json").write_text('{"model_type": "llama"}')
     with pytest.raises(UserError, match="not Gemma 3n"):
         checkpoint.load(str(tmp_path), VARIANTS["e2b"], torch.float32)
+
+
+@pytest.mark.parametrize("recipe", [("none", "none"), ("8da4w", "4w")], ids=["fp32", "phone"])
+def test_bf16_checkpoint_brought_to_fp32_module_by_module_equals_loading_it_in_fp32(tmp_path, tiny_models, recipe):
+    """The exporter loads a checkpoint as stored (bf16) and casts module by module while quantizing,
+    so fp32 E4B never exists whole; the result must be Hugging Face's fp32 load of the same file,
+    scales computed at construction included (bf16-rounded, they are 1e-4 off)."""
+    stored = checkpoint.build_tiny(VARIANTS["e2b"], torch.bfloat16)
+    directory = write_text_only(stored, tmp_path / "checkpoint")
+    as_stored = checkpoint.load(str(directory), VARIANTS["e2b"]).model
+    in_fp32 = checkpoint.load(str(directory), VARIANTS["e2b"], torch.float32).model
+    assert next(as_stored.parameters()).dtype == torch.bfloat16
+    for model in (as_stored, in_fp32):
+        quantize.apply(model, *recipe, 32, torch.float32)
+    assert {b.dtype for b in as_stored.buffers() if b.is_floating_point()} == {torch.float32}
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(as_stored(ids).logits, in_fp32(ids).logits)

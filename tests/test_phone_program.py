@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gemma3n_executorch import checkpoint, parity, quantize
+from gemma3n_executorch.options import PER_CHANNEL
 from gemma3n_executorch.runtime import Program
 from gemma3n_executorch.variants import BOS_ID, VARIANTS
 from tests.conftest import run
@@ -39,7 +40,7 @@ def phone_logits(programs):
 @pytest.fixture(scope="module")
 def eager_quantized_logits():
     model = checkpoint.build_tiny(VARIANTS["e2b"])
-    quantize.apply(model, "8da4w", "4w", 32)
+    quantize.apply(model, "8da4w", "4w", 32, torch.float32)
     return eager(model)
 
 
@@ -100,26 +101,41 @@ def test_bench_smoke_records_match_the_contract(tmp_path):
 
 @pytest.mark.parametrize("kind", ["embedding", "linear"])
 def test_row_block_quantization_equals_whole_matrix(kind):
-    """Big tables are quantized in row blocks to bound memory; the result must not change."""
+    """Big tables are quantized in row blocks cast from the stored bf16 one at a time, to bound
+    memory; the result must equal quantizing the whole matrix in fp32."""
     rows = 2 * quantize.ROWS_PER_BLOCK + 123
-    weight = torch.randn(rows, 64, generator=torch.Generator().manual_seed(0))
+    weight = torch.randn(rows, 64, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16).float()
 
-    def module():
+    def module(dtype):
         if kind == "embedding":
-            return torch.nn.Embedding(rows, 64, _weight=weight.clone())
+            return torch.nn.Embedding(rows, 64, _weight=weight.to(dtype))
         linear = torch.nn.Linear(64, rows, bias=False)
-        linear.weight = torch.nn.Parameter(weight.clone())
+        linear.weight = torch.nn.Parameter(weight.to(dtype))
         return linear
 
     def quantize_one(m):
         if kind == "embedding":
             quantize.quantize_model(m, qembedding_config="4w", qembedding_group_size=0)
         else:
-            quantize.quantize_linears(m, "8da4w", 32)
+            quantize.quantize_linear(m, "8da4w", 32)
 
-    whole, blocks = module(), module()
+    whole, blocks = module(torch.float32), module(torch.bfloat16)
     quantize_one(whole)
-    quantize.in_row_blocks(blocks, quantize_one)
+    quantize.in_row_blocks(blocks, torch.float32, quantize_one)
     assert torch.equal(whole.weight.qdata, blocks.weight.qdata)
     assert torch.equal(whole.weight.scale, blocks.weight.scale)
     assert not torch.equal(whole.weight.dequantize(), weight)  # it really is quantized
+
+
+def test_lm_head_holds_exactly_the_quantized_embedding_and_altup_mixers_stay_float():
+    """The tied lm_head is quantized as the embedding is (int4, one scale per row): the program's
+    input and output sides see the same matrix. Per channel, only AltUp's 4-input stream mixers
+    (and Laurel's narrow up-projection) stay in floating point."""
+    model = checkpoint.build_tiny(VARIANTS["e2b"])
+    quantize.apply(model, "8da4w", "4w", PER_CHANNEL, torch.float32)
+    head, table = model.lm_head.weight, model.model.embed_tokens.weight
+    assert head.block_size == table.block_size == (1, head.shape[1])
+    assert torch.equal(head.qdata, table.qdata) and torch.equal(head.scale, table.scale)
+    layer = model.model.layers[0]
+    assert type(layer.altup.correction_coefs.weight.data) is torch.Tensor
+    assert layer.mlp.gate_proj.weight.block_size == (1, layer.mlp.gate_proj.in_features)
