@@ -233,6 +233,8 @@ def machine() -> str:
 
 def run_all(args) -> list[dict]:
     records, logits = [], {}
+    if args.work_dir:
+        Path(args.work_dir).mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="gemma3n-bench-", dir=args.work_dir) as work:
         for name in args.configs:
             log(f"== {name}")
@@ -278,7 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--json", type=Path, help="write the records here")
-    parser.add_argument("--work-dir", help="where the programs are written while measured (default: the temp dir)")
+    parser.add_argument("--work-dir", help="where the programs are written while measured, created if missing "
+                                           "(default: the temp dir)")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
