@@ -16,20 +16,13 @@ VOCAB = 16384
 
 
 def export(path: Path, layers: int, group_size: int) -> None:
-    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
-
     from gemma3n_executorch import checkpoint, exporter, options
     from gemma3n_executorch.variants import VARIANTS
 
-    config = VARIANTS["e2b"].real_text_config(layers)
-    config.pop("model_type", None), config.pop("torch_dtype", None)
-    config.update(vocab_size=VOCAB, vocab_size_per_layer_input=VOCAB)
-    model = Gemma3nForCausalLM(Gemma3nTextConfig(**config))
-    checkpoint.randomize_(model)
-    model.set_attn_implementation(checkpoint.ATTENTION)
+    model = checkpoint.build_random(VARIANTS["e2b"], layers, vocab_size=VOCAB)
     recipe = options.resolve(options.KV, None, None, None, None, group_size, "random", 256)
     exporter.export_program(VARIANTS["e2b"], recipe, path, verbose=True,
-                            loaded=checkpoint.LoadedModel(model.eval(), f"random e2b ({layers} layers)", None))
+                            loaded=checkpoint.LoadedModel(model, f"random e2b ({layers} layers)", None))
 
 
 def loop(path: Path, seconds: float, decode: bool) -> None:

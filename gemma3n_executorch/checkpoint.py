@@ -128,12 +128,14 @@ def build_tiny(variant: Variant, dtype: torch.dtype = torch.float32, seed: int =
 
 
 def build_random(variant: Variant, layers: int | None = None, dtype: torch.dtype | None = None,
-                 attention: str = ATTENTION, seed: int = 0) -> Gemma3nForCausalLM:
+                 attention: str = ATTENTION, seed: int = 0, vocab_size: int | None = None) -> Gemma3nForCausalLM:
     """A random-weight model of the real architecture (optionally cut to ``layers``): what it
     costs to run does not depend on the weights' values. Generated in bf16, as the published
     checkpoints are stored (E4B in fp32 would not fit in 24 GB), then cast to ``dtype`` if given."""
     config = variant.real_text_config(layers)
     config.pop("model_type", None), config.pop("torch_dtype", None)
+    if vocab_size is not None:  # profiling runs: per-layer costs without the huge tables
+        config.update(vocab_size=vocab_size, vocab_size_per_layer_input=vocab_size)
     model = Gemma3nForCausalLM._from_config(Gemma3nTextConfig(**config), dtype=STORED_DTYPE)
     randomize_(model, seed)
     model.set_attn_implementation(attention)
