@@ -12,6 +12,7 @@ Measured on 2026-11-23 (2 layers, both variants side by side on the 2-core machi
 time 197.5 s (all passes) vs 183.9 s (skipping), programs byte-identical. Not kept in the exporter.
 """
 import argparse
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -47,19 +48,10 @@ def skip_passes_that_cannot_match() -> None:
 
 
 def tiny_model(layers: int):
-    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
-
     from gemma3n_executorch import checkpoint
-    from gemma3n_executorch.variants import VARIANTS
+    from gemma3n_executorch.variants import VARIANTS, tiny_config
 
-    config = dict(VARIANTS["e2b"].tiny_config, num_hidden_layers=layers)
-    for per_layer in ("layer_types", "activation_sparsity_pattern", "intermediate_size"):
-        config[per_layer] = config[per_layer][:layers]
-    config["num_kv_shared_layers"] = min(config["num_kv_shared_layers"], layers // 2)
-    model = Gemma3nForCausalLM(Gemma3nTextConfig(**config))
-    checkpoint.randomize_(model)
-    model.set_attn_implementation(checkpoint.ATTENTION)
-    return model.eval()
+    return checkpoint.build_tiny(dataclasses.replace(VARIANTS["e2b"], tiny_config=tiny_config(layers, 1, 128)))
 
 
 def main() -> None:

@@ -75,7 +75,7 @@ def cut_to_layers(config: dict, layers: int) -> dict:
     )
 
 
-def _tiny(num_layers: int, num_kv_shared: int, intermediate: int) -> dict:
+def tiny_config(num_layers: int, num_kv_shared: int, intermediate: int) -> dict:
     """A few-hundred-kilobyte Gemma 3n text decoder with every feature of the real one.
 
     Sliding window 16 is far below the prompt + generated lengths the tests use, so the
@@ -115,8 +115,8 @@ VARIANTS: dict[str, Variant] = {
     v.key: v
     for v in (
         # E2B: 30 layers, the last 10 share KV  -> tiny: 6 layers, last 2 share.
-        Variant("E2B", "google/gemma-3n-E2B-it", "e2b-text-config.json", _tiny(6, 2, 128)),
+        Variant("E2B", "google/gemma-3n-E2B-it", "e2b-text-config.json", tiny_config(6, 2, 128)),
         # E4B: 35 layers, the last 15 share KV  -> tiny: 7 layers, last 3 share; MLP twice as wide.
-        Variant("E4B", "google/gemma-3n-E4B-it", "e4b-text-config.json", _tiny(7, 3, 256)),
+        Variant("E4B", "google/gemma-3n-E4B-it", "e4b-text-config.json", tiny_config(7, 3, 256)),
     )
 }
