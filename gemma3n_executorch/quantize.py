@@ -121,6 +121,9 @@ def apply(model: nn.Module, linear: str, embeddings: str, group_size: int, dtype
         head_scheme, head_group = LM_HEAD_SCHEME[embeddings], EMBEDDING_GROUP_SIZE
     else:
         head_scheme, head_group = linear, group_size
+    if head_scheme != "none" and not quantizable(model.lm_head, head_scheme, head_group):
+        skipped.append("lm_head")
+        head_scheme = "none"
     if head_scheme == "int8":  # weight-only int8 quantizes in place, with no fp32 temporaries to bound
         quantize_linear(model.lm_head.to(dtype), head_scheme, head_group)
     elif head_scheme != "none":

@@ -139,3 +139,14 @@ def test_lm_head_holds_exactly_the_quantized_embedding_and_altup_mixers_stay_flo
     layer = model.model.layers[0]
     assert type(layer.altup.correction_coefs.weight.data) is torch.Tensor
     assert layer.mlp.gate_proj.weight.block_size == (1, layer.mlp.gate_proj.in_features)
+
+
+def test_lm_head_narrower_than_a_group_stays_float_like_any_such_linear():
+    """With embeddings unquantized the lm_head follows --quantize; on a model 64 wide, groups of
+    128 cannot cover its rows, so it stays in floating point (it used to abort the export) while
+    the layers wide enough are still quantized."""
+    model = checkpoint.build_tiny(VARIANTS["e2b"])
+    quantize.apply(model, "8da4w", "none", 128, torch.float32)
+    assert type(model.lm_head.weight.data) is torch.Tensor
+    down = model.model.layers[0].mlp.down_proj
+    assert down.in_features % 128 == 0 and type(down.weight.data) is not torch.Tensor
