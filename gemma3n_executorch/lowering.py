@@ -72,6 +72,30 @@ def prepare_for_backend(module: torch.nn.Module, backend: str) -> None:
             child.correct = types.MethodType(_xnnpack_altup_correct, child)
 
 
+def infer_token_dimension_of_reshapes(graph_module: torch.fx.GraphModule):
+    """Writes each reshape whose only symbolic dimension is the token count with -1 there instead.
+
+    The same reshape (-1 stands for what the element count leaves, which is exactly that
+    dimension), but XNNPACK only takes a reshape whose target is integers and at most one -1:
+    Hugging Face's ``view(*input_shape, -1, head_dim)`` names the token count, so every such
+    view stayed outside the delegates and split them.
+    """
+    from executorch.exir.dialects._ops import ops as exir_ops
+    from torch.fx.passes.infra.pass_base import PassResult
+
+    changed = False
+    for node in graph_module.graph.nodes:
+        if node.target != exir_ops.edge.aten.view_copy.default or all(isinstance(d, int) for d in node.args[1]):
+            continue
+        shape = node.meta["val"].shape
+        symbolic = [i for i, size in enumerate(shape) if not isinstance(size, int)]
+        if len(symbolic) == 1:
+            node.args = (node.args[0], [-1 if i in symbolic else size for i, size in enumerate(shape)])
+            changed = True
+    graph_module.recompile()
+    return PassResult(graph_module, changed)
+
+
 def export(module: torch.nn.Module, example_inputs: tuple, dynamic_shapes) -> torch.export.ExportedProgram:
     with torch.no_grad():
         return torch.export.export(module, example_inputs, dynamic_shapes=dynamic_shapes, strict=False)
@@ -85,6 +109,7 @@ def lower(program: torch.export.ExportedProgram, backend: str, constant_methods:
     # and a second one only re-traced the whole program again.
     edge = to_edge_transform_and_lower(
         program,
+        transform_passes=[infer_token_dimension_of_reshapes] if backend == "xnnpack" else None,
         partitioner=partitioners(backend),
         compile_config=EdgeCompileConfig(_check_ir_validity=False),
         constant_methods=constant_methods,

@@ -130,5 +130,6 @@ def apply(model: nn.Module, linear: str, embeddings: str, group_size: int, dtype
         in_row_blocks(model.lm_head, dtype, lambda piece: quantize_linear(piece, head_scheme, head_group))
     cast_(model, dtype)
     if skipped:
-        log(f"  {len(skipped)} linear layers kept in floating point (input too narrow for group size "
-            f"{group_size}), e.g. {skipped[0]}")
+        grouping = "one scale per channel" if group_size == PER_CHANNEL else f"group size {group_size}"
+        log(f"  {len(skipped)} linear layers kept in floating point (input too narrow for {grouping}), "
+            f"e.g. {skipped[0]}")
