@@ -3,15 +3,31 @@
     pip install matplotlib==3.10.7      # only this script needs it
     python docs/make_benchmarks.py docs/bench-e2b-layers5.json [...] --chart docs/benchmarks.png
 
-Prints one Markdown table per JSON file (to paste into docs/benchmarks.md) and draws prefill and
-decode tokens/s per configuration, eager baselines included, into the PNG.
+Prints one Markdown table per JSON file (to paste into docs/benchmarks.md; for the tiny test model
+only size and logit error), a depth-scaling table for each configuration measured at two depths
+of one variant, and draws prefill and decode tokens/s per configuration of the real-size runs,
+eager baselines included, into the PNG.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from gemma3n_executorch.variants import VARIANTS  # noqa: E402
+
+# What a program costs, as a function of one bench record, and how to print it; all grow with depth.
+SCALED_COSTS = {
+    ".pte GB": (lambda r: r["pte_bytes"] and r["pte_bytes"] / 1e9, ".3f"),
+    "prefill ms/token": (lambda r: 1e3 / r["prefill_tok_s"], ".2f"),
+    "decode ms/token": (lambda r: 1e3 / r["decode_tok_s"], ".1f"),
+    "run peak GiB": (lambda r: r["run_peak_rss_bytes"] / 2**30, ".2f"),
+    "export s": (lambda r: r["export_s"], ".0f"),
+    "export peak GiB": (lambda r: r["export_peak_rss_bytes"] and r["export_peak_rss_bytes"] / 2**30, ".2f"),
+}
 
 
 def gb(value) -> str:
@@ -38,8 +54,26 @@ def ratios(record: dict, baseline: dict | None) -> str:
 
 
 def title(report: dict) -> str:
+    if report["model"] == "tiny":
+        return f"{report['variant'].upper()} (the tiny test model, random weights)"
     depth = f"{report['layers']} layers" if report["layers"] else "full depth"
     return f"{report['variant'].upper()} ({report['model']} weights, {depth})"
+
+
+def quality_table(report: dict) -> str:
+    """Size and logit error only: the tiny model's speeds say nothing about a phone."""
+    lines = [
+        f"**{title(report)}**, prompt {report['prompt_len']} tokens, {report['new_tokens']} new tokens, "
+        f"error at every generated position against eager fp32 on the same tokens; {report['machine']}.",
+        "",
+        "| config | .pte MB | rel. L2 vs fp32 | top-1 vs fp32 |",
+        "|---|---|---|---|",
+    ]
+    for r in report["records"]:
+        size = "-" if r["pte_bytes"] is None else f"{r['pte_bytes'] / 1e6:.2f}"
+        lines.append(f"| {r['config']} | {size} | {number(r['relative_l2_vs_fp32'], '.3g')} "
+                     f"| {number(r['top1_vs_fp32'], '.3f')} |")
+    return "\n".join(lines)
 
 
 def table(report: dict) -> str:
@@ -59,6 +93,47 @@ def table(report: dict) -> str:
             f"| {gib(r.get('run_rss_file_bytes'))} / {gib(r.get('run_rss_anon_bytes'))} "
             f"| {seconds(r['export_s'])} | {gib(r['export_peak_rss_bytes'])} | {number(r['relative_l2_vs_fp32'], '.3g')} "
             f"| {number(r['top1_vs_fp32'], '.3f')} |")
+    return "\n".join(lines)
+
+
+def depth(report: dict) -> int:
+    return report["layers"] or VARIANTS[report["variant"]].real_text_config()["num_hidden_layers"]
+
+
+def depth_scaling(reports: list[dict]) -> str:
+    """Fits cost(N) = fixed + per_layer * N through the two depths at which a configuration was measured.
+
+    Every layer brings the same weights and work, and the rest (token embedding, lm_head,
+    runtime) does not depend on N, so two depths determine any other; a user whose machine cannot
+    hold the full model measures a cut one and reads the full-depth figure off this line.
+    """
+    lines = []
+    for variant in sorted({report["variant"] for report in reports}):
+        runs = sorted((r for r in reports if r["variant"] == variant and r["model"] == "random"), key=depth)
+        if len(runs) < 2:
+            continue
+        shallow, deep = runs[0], runs[-1]
+        n1, n2 = depth(shallow), depth(deep)
+        lines += [
+            f"**{variant.upper()}: cost(N layers) = fixed + per layer x N**, through the {n1}-layer and "
+            f"{n2}-layer runs above.",
+            "",
+            f"| config | cost | {n1} layers | {n2} layers | per layer | fixed (N = 0) |",
+            "|---|---|---|---|---|---|",
+        ]
+        deep_records = {r["config"]: r for r in deep["records"]}
+        for record in shallow["records"]:
+            if record["config"] not in deep_records:
+                continue
+            for name, (cost, form) in SCALED_COSTS.items():
+                a, b = cost(record), cost(deep_records[record["config"]])
+                if a is None or b is None:
+                    continue
+                per_layer = (b - a) / (n2 - n1)
+                fixed = a - per_layer * n1
+                lines.append(f"| {record['config']} | {name} | {a:{form}} | {b:{form}} | {per_layer:{form}} "
+                             f"| {fixed:{form}} |")
+        lines.append("")
     return "\n".join(lines)
 
 
@@ -92,8 +167,11 @@ def main() -> None:
     args = parser.parse_args()
     reports = [json.loads(path.read_text()) for path in args.reports]
     for report in reports:
-        print(table(report), end="\n\n")
-    chart(reports, args.chart)
+        print(quality_table(report) if report["model"] == "tiny" else table(report), end="\n\n")
+    print(depth_scaling(reports))
+    real_size = [report for report in reports if report["model"] != "tiny"]
+    if real_size:
+        chart(real_size, args.chart)
 
 
 if __name__ == "__main__":
