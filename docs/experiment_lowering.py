@@ -7,6 +7,10 @@ the way it was before, one after the other; then both programs run on the same t
 * before: ExecuTorch's usual ``XnnpackDynamicallyQuantizedPartitioner`` then ``XnnpackPartitioner``,
   after a ``run_decompositions({})`` of our own.
 
+Everything else (the reshape rewrite of commit 045656c included) is the same in both, so a run
+today compares the partitioner cut alone; the figures in docs/benchmarks.md were measured at
+commit e438c5f, before the reshape rewrite.
+
     python docs/experiment_lowering.py
 """
 import contextlib

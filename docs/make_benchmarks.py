@@ -19,23 +19,29 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gemma3n_executorch.variants import VARIANTS  # noqa: E402
 
+
+def in_units(value, unit: float):
+    """``value / unit``, or None for a figure the record does not have (eager runs export nothing)."""
+    return None if value is None else value / unit
+
+
 # What a program costs, as a function of one bench record, and how to print it; all grow with depth.
 SCALED_COSTS = {
-    ".pte GB": (lambda r: r["pte_bytes"] and r["pte_bytes"] / 1e9, ".3f"),
+    ".pte GB": (lambda r: in_units(r["pte_bytes"], 1e9), ".3f"),
     "prefill ms/token": (lambda r: 1e3 / r["prefill_tok_s"], ".2f"),
     "decode ms/token": (lambda r: 1e3 / r["decode_tok_s"], ".1f"),
-    "run peak GiB": (lambda r: r["run_peak_rss_bytes"] / 2**30, ".2f"),
+    "run peak GiB": (lambda r: in_units(r["run_peak_rss_bytes"], 2**30), ".2f"),
     "export s": (lambda r: r["export_s"], ".0f"),
-    "export peak GiB": (lambda r: r["export_peak_rss_bytes"] and r["export_peak_rss_bytes"] / 2**30, ".2f"),
+    "export peak GiB": (lambda r: in_units(r["export_peak_rss_bytes"], 2**30), ".2f"),
 }
 
 
 def gb(value) -> str:
-    return "-" if value is None else f"{value / 1e9:.3f}"
+    return number(in_units(value, 1e9), ".3f")
 
 
 def gib(value) -> str:
-    return "-" if value is None else f"{value / 2**30:.2f}"
+    return number(in_units(value, 2**30), ".2f")
 
 
 def seconds(value) -> str:
