@@ -9,19 +9,25 @@ a dtype (fp32, bf16), a linear scheme (int8, 8da4w), an embedding scheme (emb8w,
 group size (g32); quantization not named is off, the dtype defaults to fp32 and the backend to
 what the quantization needs (xnnpack for 8da4w and quantized embeddings, else portable).
 'phone' is the --mode kv default recipe. With no --configs: the eager baselines and 'phone'.
+'llamacpp-q4_0' is the peer: llama.cpp's Q4_0 of the same weights, timed by llama-bench (needs
+--llama-cpp, a llama.cpp tree with its tools built, and the full-depth random model).
 
 Every export and every measurement runs in its own process, so peak memory is its own. Each
 record: pte_bytes, load_s, prefill_tok_s, decode_tok_s, ttft_s, run_peak_rss_bytes,
 export_peak_rss_bytes, export_s, and the logit error against eager fp32 on the same tokens
 (teacher-forced: relative L2 and top-1 agreement). Eager baselines (``eager-fp32``,
-``eager-bf16``) run the Hugging Face model with its own KV cache, on the same weights.
+``eager-bf16``) run the Hugging Face model with its own KV cache, on the same weights. For
+llama.cpp, pte_bytes is the .gguf's size, and load time and logit error are not measured.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
+import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -37,6 +43,7 @@ from gemma3n_executorch.variants import BOS_ID, TINY_MODEL, VARIANTS  # noqa: E4
 
 EAGER = {"eager-fp32": "fp32", "eager-bf16": "bf16"}
 PHONE = "phone"  # the --mode kv defaults
+LLAMA_CPP = "llamacpp-q4_0"
 DEFAULT_CONFIGS = ["eager-fp32", "eager-bf16", PHONE]
 
 
@@ -107,6 +114,30 @@ def child_export(args) -> dict:
             "delegation": summary["delegation"], "export_stages_s": summary["seconds"]}
 
 
+def children_peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
+
+
+def child_export_llamacpp(args) -> dict:
+    """The same weights as a Hugging Face checkpoint, then llama.cpp's bf16 GGUF, then its Q4_0."""
+    import gc
+
+    from gemma3n_executorch import llamacpp
+
+    began, output = time.perf_counter(), Path(args.output)
+    checkpoint, bf16 = output.with_suffix(".hf"), output.with_suffix(".bf16.gguf")
+    model = build_model(args, None)
+    llamacpp.save_checkpoint(model, checkpoint)
+    del model
+    gc.collect()
+    llamacpp.convert(args.llama_cpp, checkpoint, bf16)
+    shutil.rmtree(checkpoint)
+    llamacpp.quantize(args.llama_cpp, bf16, output)
+    bf16.unlink()
+    return {"pte_bytes": output.stat().st_size, "export_s": time.perf_counter() - began,
+            "export_peak_rss_bytes": max(peak_rss_bytes(), children_peak_rss_bytes())}
+
+
 def timed_generation(step, first_token, prompt: list[int], new_tokens: int) -> dict:
     """Prefill the prompt in one call, then greedy-decode; ``step(tokens) -> last logits``."""
     began = time.perf_counter()
@@ -144,6 +175,13 @@ def child_run_program(args) -> dict:
     memory = memory_status("RssFile", "RssAnon")
     return dict(result, load_s=load_s, run_peak_rss_bytes=peak_rss_bytes(),
                 run_rss_file_bytes=memory["RssFile"], run_rss_anon_bytes=memory["RssAnon"])
+
+
+def child_run_llamacpp(args) -> dict:
+    from gemma3n_executorch import llamacpp
+
+    result = llamacpp.bench(args.llama_cpp, Path(args.output), args.prompt_len, args.new_tokens, os.cpu_count())
+    return dict(result, load_s=None, run_peak_rss_bytes=children_peak_rss_bytes())
 
 
 def child_run_eager(args) -> dict:
@@ -189,7 +227,7 @@ def child_quality(args) -> dict:
 
 
 CHILDREN = {"export": child_export, "run-program": child_run_program, "run-eager": child_run_eager,
-            "quality": child_quality}
+            "quality": child_quality, "export-llamacpp": child_export_llamacpp, "run-llamacpp": child_run_llamacpp}
 
 
 def spawn(job: str, args, **extra) -> dict:
@@ -224,6 +262,15 @@ def fp32_reference_fits(args) -> bool:
     return 4 * parameters < 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
+def check_llama_cpp(args) -> None:
+    from gemma3n_executorch import llamacpp
+
+    if args.model == TINY_MODEL or args.layers:
+        raise UserError(f"{LLAMA_CPP} needs the full-depth random model: llama.cpp's Gemma 3n graph hard-codes the "
+                        "published depths; drop --layers and --model tiny")
+    llamacpp.check_tree(args.llama_cpp)
+
+
 def machine() -> str:
     import os
 
@@ -242,6 +289,12 @@ def run_all(args) -> list[dict]:
             if name in EAGER:
                 record = spawn("run-eager", args, config=name, logits=saved)
                 record.update(pte_bytes=None, export_s=None, export_peak_rss_bytes=None)
+                logits[name] = saved
+            elif name == LLAMA_CPP:  # llama-bench reads no logits out: no error columns
+                output = Path(work) / f"{name}.gguf"
+                record = spawn("export-llamacpp", args, output=output, llama_cpp=args.llama_cpp)
+                record.update(spawn("run-llamacpp", args, output=output, llama_cpp=args.llama_cpp))
+                output.unlink()
             else:
                 options = parse_config(name, args.model, args.prompt_len + args.new_tokens)
                 output = Path(work) / f"{name}.pte"
@@ -249,16 +302,16 @@ def run_all(args) -> list[dict]:
                 record.update(spawn("run-program", args, config=name, output=output, logits=saved))
                 record["options"] = {k: v for k, v in vars(options).items() if k not in ("model", "mode")}
                 output.unlink()
-            logits[name] = saved
+                logits[name] = saved
             records.append(dict(config=name, **record))
             log(f"   {summary_line(records[-1])}")
         if args.fp32_fits:
             log("== logit error against eager fp32")
             errors = spawn("quality", args, logits=json.dumps(logits))
         else:
-            errors = {name: {"relative_l2_vs_fp32": None, "top1_vs_fp32": None} for name in logits}
+            errors = {}
     for record in records:
-        record.update(errors[record["config"]])
+        record.update(errors.get(record["config"], {"relative_l2_vs_fp32": None, "top1_vs_fp32": None}))
     return records
 
 
@@ -282,6 +335,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--work-dir", help="where the programs are written while measured, created if missing "
                                            "(default: the temp dir)")
+    parser.add_argument("--llama-cpp", type=Path, help=f"a llama.cpp source tree with its tools built, for {LLAMA_CPP}")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -296,7 +350,9 @@ def main(argv: list[str] | None = None) -> int:
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     try:
         for name in args.configs:
-            if name not in EAGER:
+            if name == LLAMA_CPP:
+                check_llama_cpp(args)
+            elif name not in EAGER:
                 parse_config(name, args.model, args.prompt_len + args.new_tokens)
         if args.json:
             from gemma3n_executorch.preflight import check_output

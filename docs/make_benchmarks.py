@@ -36,6 +36,10 @@ SCALED_COSTS = {
 }
 
 
+# Bars of the baselines, beside the exported programs' blue.
+PEER_COLORS = {"eager": "#999999", "llamacpp": "#ff7f0e"}
+
+
 def gb(value) -> str:
     return number(in_units(value, 1e9), ".3f")
 
@@ -88,13 +92,13 @@ def table(report: dict) -> str:
         f"**{title(report)}**, prompt {report['prompt_len']} tokens, {report['new_tokens']} new tokens; "
         f"{report['machine']}; bench run took {report['seconds'] / 60:.1f} min.",
         "",
-        "| config | .pte GB | load s | prefill tok/s | decode tok/s | vs eager fp32 (prefill / decode) | ttft s "
+        "| config | file GB | load s | prefill tok/s | decode tok/s | vs eager fp32 (prefill / decode) | ttft s "
         "| run peak GiB | resident after decode: file / anon GiB | export s | export peak GiB | rel. L2 vs fp32 | top-1 vs fp32 |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["records"]:
         lines.append(
-            f"| {r['config']} | {gb(r['pte_bytes'])} | {r['load_s']:.1f} | {r['prefill_tok_s']:.1f} "
+            f"| {r['config']} | {gb(r['pte_bytes'])} | {number(r['load_s'], '.1f')} | {r['prefill_tok_s']:.1f} "
             f"| {r['decode_tok_s']:.2f} | {ratios(r, baseline)} | {r['ttft_s']:.2f} | {gib(r['run_peak_rss_bytes'])} "
             f"| {gib(r.get('run_rss_file_bytes'))} / {gib(r.get('run_rss_anon_bytes'))} "
             f"| {seconds(r['export_s'])} | {gib(r['export_peak_rss_bytes'])} | {number(r['relative_l2_vs_fp32'], '.3g')} "
@@ -152,7 +156,7 @@ def chart(reports: list[dict], path: Path) -> None:
     figure, axes = plt.subplots(len(reports), 2, figsize=(11, 3.2 * len(reports)), squeeze=False)
     for row, report in zip(axes, reports):
         names = [r["config"] for r in report["records"]]
-        colors = ["#999999" if name.startswith("eager") else "#1f77b4" for name in names]
+        colors = [PEER_COLORS.get(name.split("-")[0], "#1f77b4") for name in names]
         for axis, key, label in zip(row, ("prefill_tok_s", "decode_tok_s"), ("prefill tok/s", "decode tok/s")):
             values = [r[key] for r in report["records"]]
             axis.barh(names, values, color=colors)

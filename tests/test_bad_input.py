@@ -118,3 +118,15 @@ def test_written_file_has_normal_permissions(tmp_path):
     os.umask(umask)
     assert output.stat().st_mode & 0o777 == 0o666 & ~umask
     assert Path(output).read_bytes() == b"data"
+
+
+@pytest.mark.parametrize("extra, fragment", [
+    ([], "needs --llama-cpp DIR"),
+    (["--layers", "5", "--llama-cpp", "TREE"], "needs the full-depth random model"),
+    (["--llama-cpp", "TREE"], "convert_hf_to_gguf.py; build it"),
+], ids=["no-tree", "cut-depth", "unbuilt-tree"])
+def test_bench_llama_cpp_baseline_needs_a_built_tree_and_the_full_model(tmp_path, extra, fragment):
+    extra = [str(tmp_path) if part == "TREE" else part for part in extra]
+    result = run("bench.py", "--variant", "e2b", "--configs", "llamacpp-q4_0", "--json", str(tmp_path / "b.json"), *extra)
+    assert_clean_error(result, 2, fragment)
+    assert not (tmp_path / "b.json").exists()

@@ -63,3 +63,26 @@ def test_bf16_checkpoint_brought_to_fp32_module_by_module_equals_loading_it_in_f
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(as_stored(ids).logits, in_fp32(ids).logits)
+
+
+def test_kv_projections_of_the_shared_layers_are_stored_as_published_and_ignored_on_load(tmp_path, tiny_models):
+    """The published checkpoints store K/V projections for the layers that reuse another layer's
+    cache; Hugging Face builds none, llama.cpp's loader needs them, and the llama.cpp baseline
+    writes zeros in their place. Loading such a checkpoint gives the same model."""
+    from safetensors import safe_open
+
+    from gemma3n_executorch import llamacpp
+
+    reference = tiny_models("e2b")
+    llamacpp.save_checkpoint(reference, tmp_path)
+    config = reference.config
+    with safe_open(tmp_path / "model-shared-kv.safetensors", "pt") as stand_ins:
+        layers = {int(name.split(".")[2]) for name in stand_ins.keys()}
+    with safe_open(tmp_path / "model.safetensors", "pt") as saved:
+        built = {int(name.split(".")[2]) for name in saved.keys() if name.endswith("self_attn.k_proj.weight")}
+    assert layers == set(range(config.num_hidden_layers - config.num_kv_shared_layers, config.num_hidden_layers))
+    assert layers.isdisjoint(built) and layers | built == set(range(config.num_hidden_layers))
+    loaded = checkpoint.load(str(tmp_path), VARIANTS["e2b"], torch.float32)
+    ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(loaded.model(ids).logits, reference(ids).logits)

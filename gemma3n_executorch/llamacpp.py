@@ -1,0 +1,106 @@
+"""The peer a phone program is held to: llama.cpp's Q4_0, converted from the same weights and
+timed by llama.cpp's own ``llama-bench`` on the same machine, so bench.py can compare in one run.
+
+llama.cpp is not a dependency of this project. ``tree`` is a llama.cpp source tree (its converter
+``convert_hf_to_gguf.py`` and ``gguf-py``) with ``llama-quantize`` and ``llama-bench`` built in
+``build/bin``. docs/benchmarks.md says how to get one from PyPI alone.
+"""
+
+from __future__ import annotations
+
+import json
+import runpy
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+
+from .progress import UserError
+
+BINARIES = ("llama-quantize", "llama-bench")
+QUANTIZATION = "Q4_0"
+BUILD = ("cmake -B build -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF && "
+         "cmake --build build --target llama-quantize llama-bench")
+
+
+def binary(tree: Path, name: str) -> Path:
+    return Path(tree) / "build" / "bin" / name
+
+
+def check_tree(tree: Path | None) -> None:
+    if tree is None:
+        raise UserError("--configs llamacpp-q4_0 needs --llama-cpp DIR, a llama.cpp source tree with "
+                        f"{' and '.join(BINARIES)} built ({BUILD}); see docs/benchmarks.md")
+    for needed in [Path(tree) / "convert_hf_to_gguf.py", *(binary(tree, name) for name in BINARIES)]:
+        if not needed.exists():
+            raise UserError(f"--llama-cpp {tree}: no {needed}; build it in that tree: {BUILD}")
+
+
+def save_checkpoint(model, directory: Path) -> None:
+    """The model as the published checkpoint stores it. Hugging Face builds no K/V projections
+    for the layers that reuse an earlier layer's cache (they are never computed), but the
+    published checkpoint has them and llama.cpp's loader requires them: zeros stand in."""
+    from safetensors.torch import save_file
+
+    model.save_pretrained(directory)
+    config = model.config
+    kv_width = config.num_key_value_heads * config.head_dim
+    stand_ins = {}
+    for layer in range(config.num_hidden_layers - config.num_kv_shared_layers, config.num_hidden_layers):
+        prefix = f"model.layers.{layer}.self_attn."
+        stand_ins[prefix + "k_proj.weight"] = torch.zeros(kv_width, config.hidden_size, dtype=model.dtype)
+        stand_ins[prefix + "v_proj.weight"] = torch.zeros(kv_width, config.hidden_size, dtype=model.dtype)
+        stand_ins[prefix + "k_norm.weight"] = torch.zeros(config.head_dim, dtype=model.dtype)
+    save_file(stand_ins, Path(directory) / "model-shared-kv.safetensors")
+
+
+def _placeholder_vocabulary(converter) -> None:
+    """A random-weight model has no tokenizer; llama.cpp loads any vocabulary of the right size,
+    and llama-bench feeds random token ids."""
+    size = converter.hparams["vocab_size"]
+    writer = converter.gguf_writer
+    writer.add_tokenizer_model("llama")
+    writer.add_tokenizer_pre("default")
+    writer.add_token_list([f"<t{i}>".encode() for i in range(size)])
+    writer.add_token_scores([0.0] * size)
+    writer.add_token_types([1] * size)  # normal
+    writer.add_pad_token_id(0), writer.add_eos_token_id(1), writer.add_bos_token_id(2), writer.add_unk_token_id(3)
+
+
+def convert(tree: Path, checkpoint: Path, output: Path) -> None:
+    """A bf16 GGUF through llama.cpp's own converter, run in this process so that its vocabulary
+    step can read the placeholder instead of a tokenizer file."""
+    tree = Path(tree).resolve()
+    sys.path[:0] = [str(tree), str(tree / "gguf-py")]
+    import conversion.gemma  # llama.cpp's converter package, from the tree just put on the path
+
+    conversion.gemma.Gemma3NModel.set_vocab = _placeholder_vocabulary
+    argv, sys.argv = sys.argv, ["convert_hf_to_gguf.py", str(checkpoint), "--outfile", str(output), "--outtype", "bf16"]
+    try:
+        runpy.run_path(str(tree / "convert_hf_to_gguf.py"), run_name="__main__")
+    finally:
+        sys.argv = argv
+
+
+def _run(command: list) -> str:
+    completed = subprocess.run([str(part) for part in command], capture_output=True, text=True)
+    if completed.returncode != 0:
+        raise RuntimeError(f"{Path(command[0]).name} failed (exit {completed.returncode}): "
+                           f"{completed.stderr.strip().splitlines()[-1:]}")
+    return completed.stdout
+
+
+def quantize(tree: Path, source: Path, output: Path) -> None:
+    _run([binary(tree, "llama-quantize"), source, output, QUANTIZATION])
+
+
+def bench(tree: Path, gguf: Path, prompt_len: int, new_tokens: int, threads: int) -> dict:
+    """Prefill of ``prompt_len`` tokens into an empty cache, and decode after a prompt of that
+    length, as bench.py times the exported programs (llama-bench warms up once, then averages 3)."""
+    results = json.loads(_run([binary(tree, "llama-bench"), "-m", gguf, "-p", prompt_len, "-n", new_tokens,
+                               "-d", f"0,{prompt_len}", "-t", threads, "-r", 3, "-o", "json"]))
+    prefill = next(r for r in results if r["n_prompt"] == prompt_len and r["n_depth"] == 0)
+    decode = next(r for r in results if r["n_gen"] == new_tokens and r["n_depth"] == prompt_len)
+    return {"prefill_tok_s": prefill["avg_ts"], "decode_tok_s": decode["avg_ts"],
+            "ttft_s": prompt_len / prefill["avg_ts"], "llama_cpp_commit": prefill["build_commit"]}
