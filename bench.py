@@ -305,7 +305,7 @@ def run_all(args) -> list[dict]:
                 logits[name] = saved
             records.append(dict(config=name, **record))
             log(f"   {summary_line(records[-1])}")
-        if args.fp32_fits:
+        if args.fp32_fits and logits:
             log("== logit error against eager fp32")
             errors = spawn("quality", args, logits=json.dumps(logits))
         else:

@@ -17,6 +17,7 @@ from pathlib import Path
 import torch
 
 from .progress import UserError
+from .variants import BOS_ID, EOS_ID, PAD_ID
 
 BINARIES = ("llama-quantize", "llama-bench")
 QUANTIZATION = "Q4_0"
@@ -65,7 +66,9 @@ def _placeholder_vocabulary(converter) -> None:
     writer.add_token_list([f"<t{i}>".encode() for i in range(size)])
     writer.add_token_scores([0.0] * size)
     writer.add_token_types([1] * size)  # normal
-    writer.add_pad_token_id(0), writer.add_eos_token_id(1), writer.add_bos_token_id(2), writer.add_unk_token_id(3)
+    writer.add_pad_token_id(PAD_ID)
+    writer.add_eos_token_id(EOS_ID)
+    writer.add_bos_token_id(BOS_ID)
 
 
 def convert(tree: Path, checkpoint: Path, output: Path) -> None:
