@@ -248,8 +248,6 @@ def spawn(job: str, args, **extra) -> dict:
 def fp32_reference_fits(args) -> bool:
     """Whether the eager fp32 model (baseline and error reference) fits in this machine's memory:
     full-depth E4B (27.5 GB) does not on a 24 GB machine."""
-    import os
-
     import torch
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
@@ -268,12 +266,13 @@ def check_llama_cpp(args) -> None:
     if args.model == TINY_MODEL or args.layers:
         raise UserError(f"{LLAMA_CPP} needs the full-depth random model: llama.cpp's Gemma 3n graph hard-codes the "
                         "published depths; drop --layers and --model tiny")
+    if args.llama_cpp is None:
+        raise UserError(f"--configs {LLAMA_CPP} needs --llama-cpp DIR, a llama.cpp source tree with "
+                        f"{' and '.join(llamacpp.BINARIES)} built; docs/benchmarks.md says how")
     llamacpp.check_tree(args.llama_cpp)
 
 
 def machine() -> str:
-    import os
-
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.python_implementation()} {platform.python_version()}"
 

@@ -27,7 +27,7 @@ def in_units(value, unit: float):
 
 # What a program costs, as a function of one bench record, and how to print it; all grow with depth.
 SCALED_COSTS = {
-    ".pte GB": (lambda r: in_units(r["pte_bytes"], 1e9), ".3f"),
+    "file GB": (lambda r: in_units(r["pte_bytes"], 1e9), ".3f"),
     "prefill ms/token": (lambda r: 1e3 / r["prefill_tok_s"], ".2f"),
     "decode ms/token": (lambda r: 1e3 / r["decode_tok_s"], ".1f"),
     "run peak GiB": (lambda r: in_units(r["run_peak_rss_bytes"], 2**30), ".2f"),
