@@ -2,7 +2,7 @@
 the real architecture (../shared/gemma3n/), in one run on one machine.
 
     python bench.py --variant e2b [--layers N] [--configs LIST] [--prompt-len 128] [--new-tokens 128]
-                    [--json OUT.json] [--model tiny]
+                    [--repeats 3] [--json OUT.json] [--model tiny]
 
 A configuration is a name made of export options joined by '-': a backend (portable, xnnpack),
 a dtype (fp32, bf16), a linear scheme (int8, 8da4w), an embedding scheme (emb8w, emb4w) and a
@@ -13,7 +13,8 @@ what the quantization needs (xnnpack for 8da4w and quantized embeddings, else po
 --llama-cpp, a llama.cpp tree with its tools built, and the full-depth random model).
 
 Every export and every measurement runs in its own process, so peak memory is its own. Each
-record: pte_bytes, load_s, prefill_tok_s, decode_tok_s, ttft_s, run_peak_rss_bytes,
+record: pte_bytes, load_s, prefill_tok_s (the mean of --repeats warm prefills, as llama-bench
+times them), prefill_first_tok_s and ttft_s (the first prefill after loading), decode_tok_s, run_peak_rss_bytes,
 export_peak_rss_bytes, export_s, and the logit error against eager fp32 on the same tokens
 (teacher-forced: relative L2 and top-1 agreement). Eager baselines (``eager-fp32``,
 ``eager-bf16``) run the Hugging Face model with its own KV cache, on the same weights. For
@@ -138,19 +139,28 @@ def child_export_llamacpp(args) -> dict:
             "export_peak_rss_bytes": max(peak_rss_bytes(), children_peak_rss_bytes())}
 
 
-def timed_generation(step, first_token, prompt: list[int], new_tokens: int) -> dict:
-    """Prefill the prompt in one call, then greedy-decode; ``step(tokens) -> last logits``."""
+def timed_generation(step, reset, first_token, prompt: list[int], new_tokens: int, repeats: int) -> dict:
+    """The first prefill after loading, the prompt in one call (``ttft_s``); the same prefill
+    ``repeats`` times more into an empty cache, warm, as llama-bench times it (``prefill_tok_s``,
+    their mean); then greedy decode after the last one. ``step(tokens) -> last logits``."""
     began = time.perf_counter()
     logits = step(prompt)
-    token = first_token(logits)
+    first_token(logits)
     ttft = time.perf_counter() - began
-    rows, tokens = [logits], [token]
+    warm = []
+    for _ in range(repeats):
+        reset()
+        began = time.perf_counter()
+        logits = step(prompt)
+        warm.append(len(prompt) / (time.perf_counter() - began))
+    rows, tokens = [logits], [first_token(logits)]
     began = time.perf_counter()
     for _ in range(new_tokens - 1):
         rows.append(step([tokens[-1]]))
         tokens.append(first_token(rows[-1]))
     decode = time.perf_counter() - began
-    return {"ttft_s": ttft, "prefill_tok_s": len(prompt) / ttft, "decode_tok_s": (new_tokens - 1) / decode,
+    return {"ttft_s": ttft, "prefill_first_tok_s": len(prompt) / ttft, "prefill_tok_s": sum(warm) / repeats,
+            "prefill_warm_samples_tok_s": warm, "decode_tok_s": (new_tokens - 1) / decode,
             "tokens": tokens, "rows": rows}
 
 
@@ -167,8 +177,8 @@ def child_run_program(args) -> dict:
     began = time.perf_counter()
     program = Program(args.output)
     load_s = time.perf_counter() - began
-    result = timed_generation(program.step, lambda row: int(row.argmax()),
-                              prompt_tokens(args, program.info.vocab_size), args.new_tokens)
+    result = timed_generation(program.step, program.reset, lambda row: int(row.argmax()),
+                              prompt_tokens(args, program.info.vocab_size), args.new_tokens, args.repeats)
     save_logits(result, args.logits)
     # After decoding: how much of what is resident is the memory-mapped program file, and how much
     # was allocated (XNNPACK's repacked weights, the KV cache, activations, the Python runtime).
@@ -180,7 +190,8 @@ def child_run_program(args) -> dict:
 def child_run_llamacpp(args) -> dict:
     from gemma3n_executorch import llamacpp
 
-    result = llamacpp.bench(args.llama_cpp, Path(args.output), args.prompt_len, args.new_tokens, os.cpu_count())
+    result = llamacpp.bench(args.llama_cpp, Path(args.output), args.prompt_len, args.new_tokens, os.cpu_count(),
+                            args.repeats)
     return dict(result, load_s=None, run_peak_rss_bytes=children_peak_rss_bytes())
 
 
@@ -200,8 +211,11 @@ def child_run_eager(args) -> dict:
         state["cache"] = output.past_key_values
         return output.logits[0, -1]
 
-    result = timed_generation(step, lambda row: int(row.argmax()),
-                              prompt_tokens(args, model.config.vocab_size), args.new_tokens)
+    def reset() -> None:
+        state["cache"] = None
+
+    result = timed_generation(step, reset, lambda row: int(row.argmax()),
+                              prompt_tokens(args, model.config.vocab_size), args.new_tokens, args.repeats)
     save_logits(result, args.logits)
     return dict(result, load_s=load_s, run_peak_rss_bytes=peak_rss_bytes(),
                 parameters=sum(p.numel() for p in model.parameters()))
@@ -234,7 +248,8 @@ def spawn(job: str, args, **extra) -> dict:
     """Run one job in a fresh interpreter; its progress goes to our stderr, its result comes back."""
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         command = [sys.executable, __file__, "--child", job, "--result", result.name, "--variant", args.variant,
-                   "--model", args.model, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens)]
+                   "--model", args.model, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
+                   "--repeats", str(args.repeats)]
         if args.layers:
             command += ["--layers", str(args.layers)]
         for key, value in extra.items():
@@ -331,6 +346,9 @@ def main(argv: list[str] | None = None) -> int:
                              f"{'-'.join(v for k, v in MODE_DEFAULTS[KV].items() if k != 'embeddings')}-emb{MODE_DEFAULTS[KV]['embeddings']}")
     parser.add_argument("--prompt-len", type=int, default=128)
     parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="after the first prefill (ttft), time it this many times more, warm; prefill tok/s is "
+                             "their mean, as llama-bench -r times it (default 3)")
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--work-dir", help="where the programs are written while measured, created if missing "
                                            "(default: the temp dir)")
@@ -343,6 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.prompt_len < 2 or args.new_tokens < 2:
         parser.error("--prompt-len and --new-tokens must be at least 2")
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     if args.child:
         Path(args.result).write_text(json.dumps(CHILDREN[args.child](args)))
         return 0

@@ -96,12 +96,16 @@ def quantize(tree: Path, source: Path, output: Path) -> None:
     _run([binary(tree, "llama-quantize"), source, output, QUANTIZATION])
 
 
-def bench(tree: Path, gguf: Path, prompt_len: int, new_tokens: int, threads: int) -> dict:
+def bench(tree: Path, gguf: Path, prompt_len: int, new_tokens: int, threads: int, repeats: int) -> dict:
     """Prefill of ``prompt_len`` tokens into an empty cache, and decode after a prompt of that
-    length, as bench.py times the exported programs (llama-bench warms up once, then averages 3)."""
+    length, as bench.py times the exported programs: llama-bench runs without its warm-up, so its
+    first prefill sample is the first after loading and the ``repeats`` after it are warm."""
     results = json.loads(_run([binary(tree, "llama-bench"), "-m", gguf, "-p", prompt_len, "-n", new_tokens,
-                               "-d", f"0,{prompt_len}", "-t", threads, "-r", 3, "-o", "json"]))
-    prefill = next(r for r in results if r["n_prompt"] == prompt_len and r["n_depth"] == 0)
-    decode = next(r for r in results if r["n_gen"] == new_tokens and r["n_depth"] == prompt_len)
-    return {"prefill_tok_s": prefill["avg_ts"], "decode_tok_s": decode["avg_ts"],
-            "ttft_s": prompt_len / prefill["avg_ts"], "llama_cpp_commit": prefill["build_commit"]}
+                               "-d", f"0,{prompt_len}", "-t", threads, "-r", repeats + 1, "--no-warmup",
+                               "-o", "json"]))
+    prefill = next(r for r in results if r["n_prompt"] == prompt_len and r["n_depth"] == 0)["samples_ts"]
+    decode = next(r for r in results if r["n_gen"] == new_tokens and r["n_depth"] == prompt_len)["samples_ts"]
+    warm = prefill[1:]
+    return {"prefill_tok_s": sum(warm) / repeats, "prefill_first_tok_s": prefill[0], "prefill_warm_samples_tok_s": warm,
+            "decode_tok_s": sum(decode[1:]) / repeats, "ttft_s": prompt_len / prefill[0],
+            "llama_cpp_commit": results[0]["build_commit"]}

@@ -87,17 +87,20 @@ def test_combinations_without_kernels_are_refused(tmp_path, flags, advice):
 
 def test_bench_smoke_records_match_the_contract(tmp_path):
     """bench.py on the tiny model: every record has the contract's keys, and its error column is
-    right (the portable fp32 program is the fp32 model; Hugging Face SDPA is eager attention)."""
+    right (the portable fp32 program is the fp32 model; Hugging Face SDPA is eager attention). The
+    logits come from decoding after the repeated prefills, so they also check that a re-used cache
+    needs no clearing."""
     out = tmp_path / "bench.json"
     result = run("bench.py", "--variant", "e2b", "--model", "tiny", "--configs", "eager-fp32,portable-fp32",
-                 "--prompt-len", "16", "--new-tokens", "8", "--json", str(out))
+                 "--prompt-len", "16", "--new-tokens", "8", "--repeats", "2", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     records = {r["config"]: r for r in json.loads(out.read_text())["records"]}
     keys = {"config", "pte_bytes", "prefill_tok_s", "decode_tok_s", "ttft_s", "run_peak_rss_bytes",
-            "export_peak_rss_bytes", "export_s"}
+            "export_peak_rss_bytes", "export_s", "prefill_first_tok_s"}
     assert set(records) == {"eager-fp32", "portable-fp32"} and all(keys <= set(r) for r in records.values())
     program = records["portable-fp32"]
     assert program["pte_bytes"] > 0 and program["export_s"] > 0 and program["decode_tok_s"] > 0
+    assert len(program["prefill_warm_samples_tok_s"]) == 2
     assert program["relative_l2_vs_fp32"] < 1e-5 and program["top1_vs_fp32"] == 1.0
     assert records["eager-fp32"]["relative_l2_vs_fp32"] < 1e-5 and records["eager-fp32"]["pte_bytes"] is None
 
