@@ -9,10 +9,12 @@ llama.cpp is not a dependency of this project. ``tree`` is a llama.cpp source tr
 from __future__ import annotations
 
 import json
+import logging
 import runpy
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -77,11 +79,11 @@ def convert(tree: Path, checkpoint: Path, output: Path) -> None:
     import conversion.gemma  # llama.cpp's converter package, from the tree just put on the path
 
     conversion.gemma.Gemma3NModel.set_vocab = _placeholder_vocabulary
-    argv, sys.argv = sys.argv, ["convert_hf_to_gguf.py", str(checkpoint), "--outfile", str(output), "--outtype", "bf16"]
-    try:
+    # Its warnings stay; its line per tensor (700 of them) would bury bench.py's progress.
+    logging.getLogger("hf-to-gguf").setLevel(logging.WARNING)
+    argv = ["convert_hf_to_gguf.py", str(checkpoint), "--outfile", str(output), "--outtype", "bf16"]
+    with mock.patch.object(sys, "argv", argv):
         runpy.run_path(str(tree / "convert_hf_to_gguf.py"), run_name="__main__")
-    finally:
-        sys.argv = argv
 
 
 def _run(command: list) -> str:
