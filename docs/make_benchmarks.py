@@ -20,6 +20,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from gemma3n_executorch.variants import VARIANTS  # noqa: E402
 
 
+def warm_prefill(record: dict) -> float | None:
+    """bench.py's prefill tok/s, the mean of its warm prefills (as llama-bench times them); None
+    for runs from before it repeated the prefill, whose prefill_tok_s is the first one after loading."""
+    return record["prefill_tok_s"] if "prefill_first_tok_s" in record else None
+
+
+def first_prefill(record: dict) -> float:
+    return record.get("prefill_first_tok_s", record["prefill_tok_s"])
+
+
+def prefill(record: dict) -> float:
+    return warm_prefill(record) or first_prefill(record)
+
+
 def in_units(value, unit: float):
     """``value / unit``, or None for a figure the record does not have (eager runs export nothing)."""
     return None if value is None else value / unit
@@ -28,7 +42,7 @@ def in_units(value, unit: float):
 # What a program costs, as a function of one bench record, and how to print it; all grow with depth.
 SCALED_COSTS = {
     "file GB": (lambda r: in_units(r["pte_bytes"], 1e9), ".3f"),
-    "prefill ms/token": (lambda r: 1e3 / r["prefill_tok_s"], ".2f"),
+    "prefill ms/token": (lambda r: None if warm_prefill(r) is None else 1e3 / warm_prefill(r), ".2f"),
     "decode ms/token": (lambda r: 1e3 / r["decode_tok_s"], ".1f"),
     "run peak GiB": (lambda r: in_units(r["run_peak_rss_bytes"], 2**30), ".2f"),
     "export s": (lambda r: r["export_s"], ".0f"),
@@ -59,7 +73,7 @@ def number(value, form: str) -> str:
 def ratios(record: dict, baseline: dict | None) -> str:
     if baseline is None:
         return "(no eager fp32 run)"
-    return (f"{record['prefill_tok_s'] / baseline['prefill_tok_s']:.2f}x / "
+    return (f"{prefill(record) / prefill(baseline):.2f}x / "
             f"{record['decode_tok_s'] / baseline['decode_tok_s']:.2f}x")
 
 
@@ -90,20 +104,28 @@ def table(report: dict) -> str:
     baseline = next((r for r in report["records"] if r["config"] == "eager-fp32"), None)
     lines = [
         f"**{title(report)}**, prompt {report['prompt_len']} tokens, {report['new_tokens']} new tokens; "
-        f"{report['machine']}; bench run took {report['seconds'] / 60:.1f} min.",
+        f"{report['machine']}; bench run took {report['seconds'] / 60:.1f} min. Prefill tok/s: "
+        + (f"the mean of {len(report['records'][0]['prefill_warm_samples_tok_s'])} warm prefills after the first one after loading." if is_warm(report)
+           else "only the first prefill after loading was timed (a run from before bench.py repeated it)."),
         "",
-        "| config | file GB | load s | prefill tok/s | decode tok/s | vs eager fp32 (prefill / decode) | ttft s "
-        "| run peak GiB | resident after decode: file / anon GiB | export s | export peak GiB | rel. L2 vs fp32 | top-1 vs fp32 |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| config | file GB | load s | prefill tok/s | first prefill tok/s | decode tok/s | vs eager fp32 (prefill / decode) "
+        "| ttft s | run peak GiB | resident after decode: file / anon GiB | export s | export peak GiB | rel. L2 vs fp32 "
+        "| top-1 vs fp32 |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["records"]:
         lines.append(
-            f"| {r['config']} | {gb(r['pte_bytes'])} | {number(r['load_s'], '.1f')} | {r['prefill_tok_s']:.1f} "
+            f"| {r['config']} | {gb(r['pte_bytes'])} | {number(r['load_s'], '.1f')} | {number(warm_prefill(r), '.1f')} "
+            f"| {first_prefill(r):.1f} "
             f"| {r['decode_tok_s']:.2f} | {ratios(r, baseline)} | {r['ttft_s']:.2f} | {gib(r['run_peak_rss_bytes'])} "
             f"| {gib(r.get('run_rss_file_bytes'))} / {gib(r.get('run_rss_anon_bytes'))} "
             f"| {seconds(r['export_s'])} | {gib(r['export_peak_rss_bytes'])} | {number(r['relative_l2_vs_fp32'], '.3g')} "
             f"| {number(r['top1_vs_fp32'], '.3f')} |")
     return "\n".join(lines)
+
+
+def is_warm(report: dict) -> bool:
+    return all(warm_prefill(r) is not None for r in report["records"])
 
 
 def depth(report: dict) -> int:
@@ -157,8 +179,9 @@ def chart(reports: list[dict], path: Path) -> None:
     for row, report in zip(axes, reports):
         names = [r["config"] for r in report["records"]]
         colors = [PEER_COLORS.get(name.split("-")[0], "#1f77b4") for name in names]
-        for axis, key, label in zip(row, ("prefill_tok_s", "decode_tok_s"), ("prefill tok/s", "decode tok/s")):
-            values = [r[key] for r in report["records"]]
+        prefill_label = "prefill tok/s" if is_warm(report) else "first prefill tok/s"
+        for axis, rate, label in zip(row, (prefill, lambda r: r["decode_tok_s"]), (prefill_label, "decode tok/s")):
+            values = [rate(r) for r in report["records"]]
             axis.barh(names, values, color=colors)
             for y, value in enumerate(values):
                 axis.text(value, y, f" {value:.1f}", va="center", fontsize=8)

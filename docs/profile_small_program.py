@@ -4,9 +4,6 @@ sample. Behind the prefill breakdown in docs/benchmarks.md:
 
     python docs/profile_small_program.py export /tmp/small.pte --layers 2
     py-spy record --native --format raw -o prefill.txt -- python docs/profile_small_program.py prefill /tmp/small.pte
-
-``first-prefills`` times the first prefills after loading one by one: bench.py times the first
-(a user's first prompt), llama-bench the mean of three after a warm-up.
 """
 import argparse
 import sys
@@ -41,20 +38,9 @@ def loop(path: Path, seconds: float, decode: bool) -> None:
     print(f"{(time.perf_counter() - began) / calls * 1e3:.0f} ms per {'prefill + 64 decode steps' if decode else 'prefill'}")
 
 
-def first_prefills(path: Path, count: int = 4) -> None:
-    from gemma3n_executorch.runtime import Program
-
-    program = Program(path)
-    for call in range(count):
-        program.reset()
-        began = time.perf_counter()
-        program.step(list(range(2, 130)))
-        print(f"prefill {call + 1} after loading: {(time.perf_counter() - began) * 1e3:.0f} ms")
-
-
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("job", choices=["export", "prefill", "decode", "first-prefills"])
+    parser.add_argument("job", choices=["export", "prefill", "decode"])
     parser.add_argument("program", type=Path)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--group-size", type=int, default=128)
@@ -62,7 +48,5 @@ if __name__ == "__main__":
     args = parser.parse_args()
     if args.job == "export":
         export(args.program, args.layers, args.group_size)
-    elif args.job == "first-prefills":
-        first_prefills(args.program)
     else:
         loop(args.program, args.seconds, decode=args.job == "decode")
