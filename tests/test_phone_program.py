@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gemma3n_executorch import checkpoint, parity, quantize
+from gemma3n_executorch import checkpoint, lowering, parity, quantize
 from gemma3n_executorch.options import PER_CHANNEL
 from gemma3n_executorch.runtime import Program
 from gemma3n_executorch.variants import BOS_ID, VARIANTS
@@ -64,12 +64,33 @@ def test_phone_program_is_delegated_and_under_half_the_fp32_size(programs):
     # Reshapes that name the token count are rewritten with -1 so XNNPACK takes them; any left
     # outside splits a delegate (lowering.infer_token_dimension_of_reshapes).
     assert "view_copy" not in log
+    # AltUp's predict is a bmm, not torch.matmul, whose expand XNNPACK does not take (lowering.py).
+    assert "expand_copy" not in log
     fp32 = programs.get("e2b", "--mode", "kv", "--max-seq-len", str(MAX_SEQ_LEN), "--dtype", "fp32",
                         "--quantize", "none", "--quantize-embeddings", "none", "--backend", "portable")
     phone = programs.get("e2b", *PHONE_FLAGS)
     # Tiny widths keep the floating-point layers (norm scales, AltUp's small matrices) a large
     # share, so the ratio is far from the real model's 7x; any unquantized table would undo it.
     assert phone.stat().st_size < fp32.stat().st_size / 2
+
+
+@pytest.mark.parametrize("method", ["predict", "correct"])
+def test_altup_in_xnnpack_form_computes_what_hugging_face_does(method):
+    """lowering.prepare_for_backend rewrites AltUp's predict and correct into operators XNNPACK
+    takes; on the tiny model's first layer, with 5 tokens, they must give Hugging Face's numbers."""
+    model = checkpoint.build_tiny(VARIANTS["e2b"])
+    reference = model.model.layers[0].altup
+    rewritten = checkpoint.build_tiny(VARIANTS["e2b"])
+    lowering.prepare_for_backend(rewritten, "xnnpack")
+    altup = rewritten.model.layers[0].altup
+    assert getattr(altup, method).__func__ is not getattr(type(altup), method)  # really rewritten
+    streams = torch.randn(model.config.altup_num_inputs, 1, 5, model.config.hidden_size,
+                          generator=torch.Generator().manual_seed(0))
+    arguments = (streams,) if method == "predict" else (streams, streams[0] * 2)
+    with torch.no_grad():
+        expected, actual = getattr(reference, method)(*arguments), getattr(altup, method)(*arguments)
+    assert actual.shape == expected.shape and torch.allclose(actual, expected, rtol=1e-5, atol=1e-6)
+    assert not torch.equal(expected, streams)  # the mixing does something
 
 
 @pytest.mark.parametrize("flags, advice", [
