@@ -139,6 +139,13 @@ def child_export_llamacpp(args) -> dict:
             "export_peak_rss_bytes": max(peak_rss_bytes(), children_peak_rss_bytes())}
 
 
+def prefill_figures(first_tok_s: float, warm_tok_s: list[float]) -> dict:
+    """The record's prefill keys, for programs, eager and llama.cpp alike: the first prefill after
+    loading, and the mean of the warm ones after it (llama-bench's protocol)."""
+    return {"prefill_first_tok_s": first_tok_s, "prefill_tok_s": sum(warm_tok_s) / len(warm_tok_s),
+            "prefill_warm_samples_tok_s": warm_tok_s}
+
+
 def timed_generation(step, reset, first_token, prompt: list[int], new_tokens: int, repeats: int) -> dict:
     """The first prefill after loading, the prompt in one call (``ttft_s``); the same prefill
     ``repeats`` times more into an empty cache, warm, as llama-bench times it (``prefill_tok_s``,
@@ -159,9 +166,8 @@ def timed_generation(step, reset, first_token, prompt: list[int], new_tokens: in
         rows.append(step([tokens[-1]]))
         tokens.append(first_token(rows[-1]))
     decode = time.perf_counter() - began
-    return {"ttft_s": ttft, "prefill_first_tok_s": len(prompt) / ttft, "prefill_tok_s": sum(warm) / repeats,
-            "prefill_warm_samples_tok_s": warm, "decode_tok_s": (new_tokens - 1) / decode,
-            "tokens": tokens, "rows": rows}
+    return dict(prefill_figures(len(prompt) / ttft, warm), ttft_s=ttft,
+                decode_tok_s=(new_tokens - 1) / decode, tokens=tokens, rows=rows)
 
 
 def save_logits(result: dict, path: str) -> None:
@@ -192,7 +198,9 @@ def child_run_llamacpp(args) -> dict:
 
     result = llamacpp.bench(args.llama_cpp, Path(args.output), args.prompt_len, args.new_tokens, os.cpu_count(),
                             args.repeats)
-    return dict(result, load_s=None, run_peak_rss_bytes=children_peak_rss_bytes())
+    first, *warm = result.pop("prefill_samples_tok_s")
+    return dict(result, **prefill_figures(first, warm), ttft_s=args.prompt_len / first,
+                load_s=None, run_peak_rss_bytes=children_peak_rss_bytes())
 
 
 def child_run_eager(args) -> dict:

@@ -34,6 +34,10 @@ def prefill(record: dict) -> float:
     return warm_prefill(record) or first_prefill(record)
 
 
+def is_warm(report: dict) -> bool:
+    return all(warm_prefill(r) is not None for r in report["records"])
+
+
 def in_units(value, unit: float):
     """``value / unit``, or None for a figure the record does not have (eager runs export nothing)."""
     return None if value is None else value / unit
@@ -122,10 +126,6 @@ def table(report: dict) -> str:
             f"| {seconds(r['export_s'])} | {gib(r['export_peak_rss_bytes'])} | {number(r['relative_l2_vs_fp32'], '.3g')} "
             f"| {number(r['top1_vs_fp32'], '.3f')} |")
     return "\n".join(lines)
-
-
-def is_warm(report: dict) -> bool:
-    return all(warm_prefill(r) is not None for r in report["records"])
 
 
 def depth(report: dict) -> int:

@@ -101,13 +101,12 @@ def quantize(tree: Path, source: Path, output: Path) -> None:
 def bench(tree: Path, gguf: Path, prompt_len: int, new_tokens: int, threads: int, repeats: int) -> dict:
     """Prefill of ``prompt_len`` tokens into an empty cache, and decode after a prompt of that
     length, as bench.py times the exported programs: llama-bench runs without its warm-up, so its
-    first prefill sample is the first after loading and the ``repeats`` after it are warm."""
+    first prefill sample is the first after loading and the ``repeats`` after it are warm (decode:
+    the mean of those ``repeats``)."""
     results = json.loads(_run([binary(tree, "llama-bench"), "-m", gguf, "-p", prompt_len, "-n", new_tokens,
                                "-d", f"0,{prompt_len}", "-t", threads, "-r", repeats + 1, "--no-warmup",
                                "-o", "json"]))
     prefill = next(r for r in results if r["n_prompt"] == prompt_len and r["n_depth"] == 0)["samples_ts"]
     decode = next(r for r in results if r["n_gen"] == new_tokens and r["n_depth"] == prompt_len)["samples_ts"]
-    warm = prefill[1:]
-    return {"prefill_tok_s": sum(warm) / repeats, "prefill_first_tok_s": prefill[0], "prefill_warm_samples_tok_s": warm,
-            "decode_tok_s": sum(decode[1:]) / repeats, "ttft_s": prompt_len / prefill[0],
+    return {"prefill_samples_tok_s": prefill, "decode_tok_s": sum(decode[1:]) / repeats,
             "llama_cpp_commit": results[0]["build_commit"]}
