@@ -295,9 +295,27 @@ def check_llama_cpp(args) -> None:
     llamacpp.check_tree(args.llama_cpp)
 
 
+# The instruction sets that decide which kernels run: int8 GEMMs without VNNI, with it, bf16 with
+# AVX-512 BF16. The same 2-core VM type has come as CPUs with and without them.
+CPU_FEATURES = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "asimddp", "i8mm")
+
+
+def cpu() -> str:
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown CPU"
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", fields.get("Features", "")).split())
+    present = " ".join(feature for feature in CPU_FEATURES if feature in flags)
+    return f"{fields.get('model name', 'unknown CPU')} ({present or 'none of ' + ', '.join(CPU_FEATURES)})"
+
+
 def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return f"{platform.machine()}, {os.cpu_count()} cores, {memory:.0f} GiB, {platform.python_implementation()} {platform.python_version()}"
+    return (f"{platform.machine()}, {cpu()}, {os.cpu_count()} cores, {memory:.0f} GiB, "
+            f"{platform.python_implementation()} {platform.python_version()}")
 
 
 def run_all(args) -> list[dict]:
