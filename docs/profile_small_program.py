@@ -51,8 +51,8 @@ def lengths(path: Path) -> None:
         program.step(list(range(2, 2 + length)))
         return (time.perf_counter() - began) * 1e3
 
-    def row(label: str, lengths: list) -> None:
-        print(f"{label}: " + ", ".join(f"{n} {prefill_ms(n):.1f}" for n in lengths) + " (tokens ms)")
+    def row(label: str, prompt_lengths: list) -> None:
+        print(f"{label}: " + ", ".join(f"{n} {prefill_ms(n):.1f}" for n in prompt_lengths) + " (tokens ms)")
 
     row("first call after loading", [128])
     row("the same length again", [128] * 4)
