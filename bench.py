@@ -5,10 +5,18 @@ the real architecture (../shared/gemma3n/), in one run on one machine.
                     [--repeats 3] [--json OUT.json] [--model tiny]
 
 A configuration is a name made of export options joined by '-': a backend (portable, xnnpack),
-a dtype (fp32, bf16), a linear scheme (int8, 8da4w), an embedding scheme (emb8w, emb4w) and a
-group size (g32); quantization not named is off, the dtype defaults to fp32 and the backend to
-what the quantization needs (xnnpack for 8da4w and quantized embeddings, else portable).
-'phone' is the --mode kv default recipe. With no --configs: the eager baselines and 'phone'.
+a dtype (fp32, bf16), a linear scheme (int8, 8da4w), an embedding scheme (emb8w, emb4w), a
+group size (g32), a KV cache precision (kvfp32, kvint8), the positions the cache holds (ctx4096)
+and the tokens one call takes (chunk256); quantization not named is off (the KV cache fp32), the dtype defaults to
+fp32, the backend to what the quantization needs (xnnpack for 8da4w and quantized embeddings,
+else portable), the lengths to --max-context-length and --max-seq-length. 'phone' is the --mode
+kv default recipe, and a name starting 'phone-' overrides some of it ('phone-kvfp32').
+With no --configs: the eager baselines and 'phone'.
+
+Long context: --long-prompt N also times one prefill of N tokens (in calls of the program's
+max_seq_length), and --depths D1,D2,... the decode speed after D tokens in the cache (programs
+and llama.cpp, whose llama-bench -d fills its cache the same way; not eager). Each run records
+this machine's memory read bandwidth (a short probe), so decode can be set against its floor.
 'llamacpp-q4_0' is the peer: llama.cpp's Q4_0 of the same weights, timed by llama-bench (needs
 --llama-cpp, a llama.cpp tree with its tools built, and the full-depth random model).
 
@@ -37,7 +45,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from gemma3n_executorch.options import (BACKENDS, DEFAULT_GROUP_SIZE, DTYPES, EMBEDDING_SCHEMES, KV,  # noqa: E402
+from gemma3n_executorch.options import (BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT_LENGTH,  # noqa: E402
+                                        DEFAULT_MAX_SEQ_LENGTH, DTYPES, EMBEDDING_SCHEMES, KV, KV_CACHE_DTYPES,
                                         LINEAR_SCHEMES, MODE_DEFAULTS, resolve)
 from gemma3n_executorch.progress import UserError, log, memory_status, peak_rss_bytes  # noqa: E402
 from gemma3n_executorch.variants import BOS_ID, TINY_MODEL, VARIANTS  # noqa: E402
@@ -48,12 +57,17 @@ LLAMA_CPP = "llamacpp-q4_0"
 DEFAULT_CONFIGS = ["eager-fp32", "eager-bf16", PHONE]
 
 
-def parse_config(name: str, model: str, max_seq_len: int):
-    """'xnnpack-8da4w-emb4w-g64' -> ExportOptions; 'phone' -> the --mode kv defaults."""
-    if name == PHONE:
-        return resolve(KV, None, None, None, None, DEFAULT_GROUP_SIZE, model, max_seq_len)
-    chosen = dict(dtype=None, quantize="none", embeddings="none", backend=None, group_size=DEFAULT_GROUP_SIZE)
-    for part in name.split("-"):
+def parse_config(name: str, model: str, max_seq_length: int, max_context_length: int):
+    """'xnnpack-8da4w-emb4w-g64' -> ExportOptions; 'phone' -> the --mode kv defaults;
+    'phone-kvfp32-ctx2048' -> those with the named parts changed."""
+    parts = name.split("-")
+    if parts[0] == PHONE:
+        chosen = dict(dtype=None, quantize=None, embeddings=None, backend=None, kv_cache=None)
+        parts = parts[1:]
+    else:
+        chosen = dict(dtype=None, quantize="none", embeddings="none", backend=None, kv_cache="fp32")
+    chosen.update(group_size=DEFAULT_GROUP_SIZE, seq_len=max_seq_length, context_len=max_context_length)
+    for part in parts:
         if part in BACKENDS:
             chosen["backend"] = part
         elif part in DTYPES:
@@ -62,16 +76,24 @@ def parse_config(name: str, model: str, max_seq_len: int):
             chosen["quantize"] = part
         elif part.startswith("emb") and part[3:] in EMBEDDING_SCHEMES:
             chosen["embeddings"] = part[3:]
+        elif part.startswith("kv") and part[2:] in KV_CACHE_DTYPES:
+            chosen["kv_cache"] = part[2:]
         elif part.startswith("g") and part[1:].isdigit():
             chosen["group_size"] = int(part[1:])
+        elif part.startswith("ctx") and part[3:].isdigit():
+            chosen["context_len"] = int(part[3:])
+        elif part.startswith("chunk") and part[5:].isdigit():
+            chosen["seq_len"] = int(part[5:])
         else:
             raise UserError(f"--configs: {part!r} in {name!r} is not a backend {BACKENDS}, dtype {DTYPES}, "
-                            f"linear scheme {LINEAR_SCHEMES}, emb{{8w,4w}} or gN")
-    if chosen["backend"] is None and chosen["quantize"] != "8da4w" and chosen["embeddings"] == "none":
+                            f"linear scheme {LINEAR_SCHEMES}, emb{{8w,4w}}, kv{{fp32,int8}}, gN, ctxN or chunkN")
+    phone = name.split("-")[0] == PHONE
+    if not phone and chosen["backend"] is None and chosen["quantize"] != "8da4w" and chosen["embeddings"] == "none":
         chosen["backend"] = "portable"
-    chosen["dtype"] = chosen["dtype"] or "fp32"
+    if not phone:
+        chosen["dtype"] = chosen["dtype"] or "fp32"
     try:
-        return resolve(KV, model=model, seq_len=max_seq_len, **chosen)
+        return resolve(KV, model=model, **chosen)
     except ValueError as error:
         raise UserError(f"--configs {name}: {error}") from None
 
@@ -105,13 +127,14 @@ def prompt_tokens(args, vocab_size: int) -> list[int]:
 def child_export(args) -> dict:
     from gemma3n_executorch import checkpoint, exporter
 
-    options = parse_config(args.config, args.model, args.prompt_len + args.new_tokens)
+    options = parse_config(args.config, args.model, args.max_seq_length, args.max_context_length)
     model = build_model(args, None)
     source = TINY_MODEL if args.model == TINY_MODEL else f"random {args.variant} ({model.config.num_hidden_layers} layers)"
     summary = exporter.export_program(VARIANTS[args.variant], options, Path(args.output),
                                       loaded=checkpoint.LoadedModel(model, source, None))
     return {"pte_bytes": summary["bytes"], "export_s": summary["total_seconds"],
             "export_peak_rss_bytes": summary["peak_rss_bytes"], "parameters": summary["parameters"],
+            "kv_cache_bytes": summary["kv_cache_bytes"], "planned_bytes": summary["planned_bytes"],
             "delegation": summary["delegation"], "export_stages_s": summary["seconds"]}
 
 
@@ -186,11 +209,45 @@ def child_run_program(args) -> dict:
     result = timed_generation(program.step, program.reset, lambda row: int(row.argmax()),
                               prompt_tokens(args, program.info.vocab_size), args.new_tokens, args.repeats)
     save_logits(result, args.logits)
+    result.update(long_context(program, args))
     # After decoding: how much of what is resident is the memory-mapped program file, and how much
     # was allocated (XNNPACK's repacked weights, the KV cache, activations, the Python runtime).
     memory = memory_status("RssFile", "RssAnon")
     return dict(result, load_s=load_s, run_peak_rss_bytes=peak_rss_bytes(),
                 run_rss_file_bytes=memory["RssFile"], run_rss_anon_bytes=memory["RssAnon"])
+
+
+def long_context(program, args) -> dict:
+    """One prefill of --long-prompt tokens into an empty cache, then decode speed at each of
+    --depths that fits the program's context: the cache is filled, chunk by chunk, from where the
+    last measurement left it to the next depth, and --new-tokens are decoded greedily there."""
+    from gemma3n_executorch.parity import probe_tokens
+
+    figures, context = {}, program.info.context_len
+    filler = probe_tokens(max([args.long_prompt or 0, *args.depths, 2]), program.info.vocab_size, BOS_ID)
+    if args.long_prompt and args.long_prompt <= context:
+        program.reset()
+        began = time.perf_counter()
+        program.step(filler[:args.long_prompt])
+        figures["prefill_long_tok_s"] = args.long_prompt / (time.perf_counter() - began)
+        log(f"   prefill of {args.long_prompt} tokens: {figures['prefill_long_tok_s']:.1f} tok/s")
+    decode, program_memory = {}, {}
+    program.reset()
+    for depth in sorted(args.depths):
+        if depth + args.new_tokens > context:
+            decode[depth] = None
+            continue
+        logits = program.step(filler[program.position:depth]) if depth > program.position else None
+        token = int(logits.argmax()) if logits is not None else BOS_ID
+        began = time.perf_counter()
+        for _ in range(args.new_tokens):
+            token = int(program.step([token]).argmax())
+        decode[depth] = args.new_tokens / (time.perf_counter() - began)
+        program_memory[depth] = memory_status("RssAnon")["RssAnon"]
+        log(f"   decode at depth {depth}: {decode[depth]:.2f} tok/s")
+    if args.depths:
+        figures.update(decode_at_depth_tok_s=decode, rss_anon_at_depth_bytes=program_memory)
+    return figures
 
 
 def child_run_llamacpp(args) -> dict:
@@ -199,6 +256,12 @@ def child_run_llamacpp(args) -> dict:
     result = llamacpp.bench(args.llama_cpp, Path(args.output), args.prompt_len, args.new_tokens, os.cpu_count(),
                             args.repeats)
     first, *warm = result.pop("prefill_samples_tok_s")
+    if args.long_prompt:
+        result["prefill_long_tok_s"] = llamacpp.prefill(args.llama_cpp, Path(args.output), args.long_prompt,
+                                                        os.cpu_count())
+    if args.depths:
+        result["decode_at_depth_tok_s"] = llamacpp.decode_at_depths(args.llama_cpp, Path(args.output), args.depths,
+                                                                    args.new_tokens, os.cpu_count())
     return dict(result, **prefill_figures(first, warm), ttft_s=args.prompt_len / first,
                 load_s=None, run_peak_rss_bytes=children_peak_rss_bytes())
 
@@ -257,7 +320,9 @@ def spawn(job: str, args, **extra) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as result:
         command = [sys.executable, __file__, "--child", job, "--result", result.name, "--variant", args.variant,
                    "--model", args.model, "--prompt-len", str(args.prompt_len), "--new-tokens", str(args.new_tokens),
-                   "--repeats", str(args.repeats)]
+                   "--repeats", str(args.repeats), "--max-seq-length", str(args.max_seq_length),
+                   "--max-context-length", str(args.max_context_length),
+                   "--long-prompt", str(args.long_prompt or 0), "--depths", ",".join(map(str, args.depths))]
         if args.layers:
             command += ["--layers", str(args.layers)]
         for key, value in extra.items():
@@ -336,7 +401,7 @@ def run_all(args) -> list[dict]:
                 record.update(spawn("run-llamacpp", args, output=output, llama_cpp=args.llama_cpp))
                 output.unlink()
             else:
-                options = parse_config(name, args.model, args.prompt_len + args.new_tokens)
+                options = parse_config(name, args.model, args.max_seq_length, args.max_context_length)
                 output = Path(work) / f"{name}.pte"
                 record = spawn("export", args, config=name, output=output)
                 record.update(spawn("run-program", args, config=name, output=output, logits=saved))
@@ -361,6 +426,27 @@ def summary_line(record: dict) -> str:
             f"ttft {record['ttft_s']:.2f} s, run peak {record['run_peak_rss_bytes'] / 2**30:.2f} GiB")
 
 
+def depth_list(text: str) -> list[int]:
+    depths = [int(d) for d in text.split(",") if d.strip()]
+    if any(d < 1 for d in depths):
+        raise argparse.ArgumentTypeError("depths must be positive")
+    return depths
+
+
+def read_bandwidth_bytes_s(size: int = 1 << 30, repeats: int = 5) -> float:
+    """This machine's memory read bandwidth, with every core reading: the best of a few sums over
+    a buffer far larger than any cache (decode's floor is the bytes it reads per token over this)."""
+    import torch
+
+    buffer = torch.ones(size // 4, dtype=torch.float32)
+    best = float("inf")
+    for _ in range(repeats):
+        began = time.perf_counter()
+        buffer.sum()
+        best = min(best, time.perf_counter() - began)
+    return size / best
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
@@ -375,6 +461,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeats", type=int, default=3,
                         help="after the first prefill (ttft), time it this many times more, warm; prefill tok/s is "
                              "their mean, as llama-bench -r times it (default 3)")
+    parser.add_argument("--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LENGTH,
+                        help=f"programs: tokens per call, unless a config says chunkN (default {DEFAULT_MAX_SEQ_LENGTH})")
+    parser.add_argument("--max-context-length", type=int, default=DEFAULT_MAX_CONTEXT_LENGTH,
+                        help=f"programs: cache positions, unless a config says ctxN (default {DEFAULT_MAX_CONTEXT_LENGTH})")
+    parser.add_argument("--long-prompt", type=int, help="also time one prefill of this many tokens (e.g. 4096)")
+    parser.add_argument("--depths", type=depth_list, default=[],
+                        help="also time decode after this many tokens in the cache, e.g. 128,4096,16384,32000")
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--work-dir", help="where the programs are written while measured, created if missing "
                                            "(default: the temp dir)")
@@ -398,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
             if name == LLAMA_CPP:
                 check_llama_cpp(args)
             elif name not in EAGER:
-                parse_config(name, args.model, args.prompt_len + args.new_tokens)
+                parse_config(name, args.model, args.max_seq_length, args.max_context_length)
         if args.json:
             from gemma3n_executorch.preflight import check_output
 
@@ -414,9 +507,12 @@ def main(argv: list[str] | None = None) -> int:
             "no logit error columns")
         args.configs = [name for name in args.configs if name != "eager-fp32"]
     began = time.perf_counter()
+    bandwidth = read_bandwidth_bytes_s()
+    log(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
     records = run_all(args)
     report = {"variant": args.variant, "model": args.model, "layers": args.layers, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "machine": machine(), "seconds": time.perf_counter() - began,
+              "new_tokens": args.new_tokens, "long_prompt": args.long_prompt, "depths": args.depths,
+              "read_bandwidth_bytes_s": bandwidth, "machine": machine(), "seconds": time.perf_counter() - began,
               "records": records}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))

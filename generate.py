@@ -26,8 +26,8 @@ def stream(text: str) -> None:
 
 
 def report(reply) -> None:
-    if reply.stop_reason == "max_seq_len":
-        print("\n[stopped: the program's max_seq_len is reached; re-export with a larger --max-seq-len]",
+    if reply.stop_reason == "context_full":
+        print("\n[stopped: the program's context is full; re-export with a larger --max-context-length]",
               file=sys.stderr)
     print(f"\n[{reply.timing.summary()}]", file=sys.stderr, flush=True)
 

@@ -12,9 +12,9 @@ import sys
 from pathlib import Path
 
 from . import preflight
-from .options import (BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_SEQ_LEN, DEFAULT_SEQ_LEN, DTYPES,
-                      EMBEDDING_SCHEMES, FIXED, KV, LINEAR_SCHEMES, MODE_DEFAULTS, MODES, PER_CHANNEL, ExportOptions,
-                      resolve)
+from .options import (BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT_LENGTH, DEFAULT_MAX_SEQ_LENGTH,
+                      DEFAULT_SEQ_LEN, DTYPES, EMBEDDING_SCHEMES, FIXED, KV, KV_CACHE_DTYPES, LINEAR_SCHEMES,
+                      MODE_DEFAULTS, MODES, PER_CHANNEL, ExportOptions, resolve)
 from .progress import StageTimer, UserError, gib, human_bytes, log, peak_rss_bytes
 from .variants import TINY_MODEL, Variant
 
@@ -35,6 +35,8 @@ def default_output(variant: Variant, options: ExportOptions) -> Path:
         parts.append(f"g{options.group_size}")
     if options.embeddings != "none":
         parts.append(f"emb{options.embeddings}")
+    if options.mode == KV and options.kv_cache != MODE_DEFAULTS[KV]["kv_cache"]:
+        parts.append(f"kv{options.kv_cache}")
     if options.backend != "portable":
         parts.append(options.backend)
     return Path("-".join(parts) + ".pte")
@@ -55,7 +57,7 @@ def prepare(model, options: ExportOptions, timer: StageTimer):
     if options.mode == FIXED:
         module = tasks.FixedWindowLM(model, options.seq_len).eval()
     else:
-        module = tasks.KVCacheLM(model, options.seq_len).eval()
+        module = tasks.KVCacheLM(model, options.seq_len, options.context_len, options.kv_cache).eval()
     lowering.prepare_for_backend(module, options.backend)
     return module
 
@@ -71,27 +73,45 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
         with timer.stage("load"):
             loaded = checkpoint.load(options.model, variant)  # as stored; prepare() casts
     log(f"  {loaded.num_parameters / 1e6:.1f} M text parameters from {loaded.source}")
+    check_context(options, loaded.config)
     module = prepare(loaded.model, options, timer)
     info = ProgramInfo(
         variant=variant.name, source=loaded.source, mode=options.mode, seq_len=options.seq_len,
+        context_len=options.context_len, kv_cache=options.kv_cache,
         vocab_size=loaded.config.vocab_size, dtype=options.dtype, quantize=options.quantize,
         embeddings=options.embeddings, group_size=options.group_size, backend=options.backend,
     )
     kv_cache_bytes = module.kv_cache_bytes() if options.mode == KV else 0
+    if kv_cache_bytes > PHONE_KV_CACHE_BYTES:
+        log(f"  warning: the KV cache alone takes {human_bytes(kv_cache_bytes)} for {options.context_len} positions; "
+            f"phone apps are killed at a few GB in all: pass --kv-cache int8 or a smaller --max-context-length")
     with timer.stage("export"):
         exported = lowering.export(module, module.example_inputs(), module.dynamic_shapes())
     with timer.stage("lower"):
         program, delegation = lowering.lower(exported, options.backend, info.constant_methods(),
-                                             quantized_embeddings=options.embeddings != "none", verbose=verbose)
+                                             quantized_embeddings=options.embeddings != "none", verbose=verbose,
+                                             initialized_buffers=module.initialized_buffers)
     with timer.stage("serialize"):
         size = lowering.write_atomically(program, output)
         tokenizer = write_tokenizer(loaded, output)
     return {
         "output": str(output), "bytes": size, "parameters": loaded.num_parameters,
-        "kv_cache_bytes": kv_cache_bytes, "delegation": {k: v for k, v in delegation.items() if k != "table"},
+        "kv_cache_bytes": kv_cache_bytes, "planned_bytes": lowering.planned_bytes(program),
+        "delegation": {k: v for k, v in delegation.items() if k != "table"},
         "tokenizer": str(tokenizer) if tokenizer else None, "peak_rss_bytes": peak_rss_bytes(),
         "seconds": dict(timer.seconds), "total_seconds": timer.total,
     }
+
+
+# A warning, not a refusal: a tablet or a desktop may have the memory. fp32 E2B at 32768 positions: 0.58 GB.
+PHONE_KV_CACHE_BYTES = 512 * 2**20
+
+
+def check_context(options: ExportOptions, config) -> None:
+    """The context may not exceed what the model's rotary tables were trained for."""
+    if options.mode == KV and options.context_len > config.max_position_embeddings:
+        raise UserError(f"--max-context-length {options.context_len} exceeds the model's max_position_embeddings "
+                        f"{config.max_position_embeddings}; pass at most {config.max_position_embeddings}")
 
 
 def write_tokenizer(loaded, output: Path) -> Path | None:
@@ -112,7 +132,7 @@ def write_tokenizer(loaded, output: Path) -> Path | None:
 
 def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions, Path, bool]:
     parser = argparse.ArgumentParser(
-        prog=f"{variant.key}/export.py",
+        prog=f"{variant.key}/export.py", allow_abbrev=False,  # a prefix of a renamed flag must not pass for it
         description=f"Export the Gemma 3n {variant.name} text decoder to an ExecuTorch .pte program.",
     )
     parser.add_argument("--model", default=variant.hub_id,
@@ -136,15 +156,25 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
                         help=f"portable kernels, or XNNPACK delegation; default: fixed {fixed['backend']}, kv {kv['backend']}")
     parser.add_argument("--verbose", action="store_true", help="list the operators left outside the backend")
     parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="fixed mode: window length")
-    parser.add_argument("--max-seq-len", type=int, default=DEFAULT_MAX_SEQ_LEN,
-                        help="kv mode: tokens the cache holds (prompt + generated)")
+    parser.add_argument("--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LENGTH,
+                        help=f"kv mode: the most tokens one call takes; longer prompts are fed in chunks of it "
+                             f"(default {DEFAULT_MAX_SEQ_LENGTH})")
+    parser.add_argument("--max-context-length", type=int,
+                        help=f"kv mode: positions the cache holds, prompt + generated (default "
+                             f"{DEFAULT_MAX_CONTEXT_LENGTH}, the model's own limit)")
+    parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES,
+                        help=f"kv mode: the cache's precision (default {kv['kv_cache']})")
+    parser.add_argument("--max-seq-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    length = args.seq_len if args.mode == FIXED else args.max_seq_len
-    if length < 2:
-        parser.error("--seq-len / --max-seq-len must be at least 2")
+    if args.max_seq_len is not None:
+        parser.error(f"--max-seq-len is gone: for the positions the cache holds, what it meant, pass "
+                     f"--max-context-length {args.max_seq_len}; --max-seq-length now sets the tokens one call takes")
+    length = args.seq_len if args.mode == FIXED else args.max_seq_length
+    if length < 2 or (args.max_context_length is not None and args.max_context_length < 2):
+        parser.error("--seq-len, --max-seq-length and --max-context-length must be at least 2")
     try:
         options = resolve(args.mode, args.dtype, args.quantize, args.quantize_embeddings, args.backend,
-                          args.group_size, args.model, length)
+                          args.group_size, args.model, length, args.max_context_length, args.kv_cache)
     except ValueError as error:
         parser.error(str(error))
     return options, args.output or default_output(variant, options), args.verbose
@@ -165,7 +195,8 @@ def main(variant: Variant, argv: list[str] | None = None) -> int:
             preflight.local_checkpoint(options.model)
         log(f"exporting Gemma 3n {variant.name} ({options.model}) -> {output}: mode {options.mode}, "
             f"{options.dtype}, {describe_quantization(options)}, backend {options.backend}, "
-            f"{'max_seq_len' if options.mode == KV else 'seq_len'} {options.seq_len}")
+            + (f"max_seq_length {options.seq_len}, max_context_length {options.context_len}, "
+               f"{options.kv_cache} KV cache" if options.mode == KV else f"seq_len {options.seq_len}"))
         summary = export_program(variant, options, output, verbose=verbose)
     except UserError as error:
         print(f"error: {error}", file=sys.stderr)
@@ -178,7 +209,9 @@ def main(variant: Variant, argv: list[str] | None = None) -> int:
         log(f"  {options.backend}: {delegation['delegated']} operators delegated in {delegation['subgraphs']} "
             f"subgraphs, {delegation['outside']} outside (--verbose lists them)")
     if summary["kv_cache_bytes"]:
-        log(f"  KV cache: {human_bytes(summary['kv_cache_bytes'])} for {options.seq_len} tokens")
+        log(f"  KV cache: {human_bytes(summary['kv_cache_bytes'])} for {options.context_len} positions")
+    log(f"  planned memory: {human_bytes(summary['planned_bytes'])} "
+        f"({human_bytes(summary['planned_bytes'] - summary['kv_cache_bytes'])} of activations)")
     if summary["tokenizer"]:
         log(f"  tokenizer: {summary['tokenizer']}")
     return 0

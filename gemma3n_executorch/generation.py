@@ -1,6 +1,7 @@
 """Text generation over an exported program: sampling, the Gemma chat format, streaming, timing.
 
-A KV program prefills a prompt in one call and then takes one token per call; the chat session
+A KV program prefills a prompt in calls of up to its max_seq_length tokens, then takes one token
+per call; the chat session
 keeps its cache between turns, so a new turn prefills only the new text. A fixed-window program
 is driven by re-running its window over the last ``seq_len`` tokens for every new token.
 """
@@ -98,13 +99,14 @@ class Timing:
 @dataclass
 class Reply:
     tokens: list[int] = field(default_factory=list)
-    stop_reason: str = ""  # "eos", "max_new_tokens" or "max_seq_len"
+    stop_reason: str = ""  # "eos", "max_new_tokens" or "context_full"
     timing: Timing = field(default_factory=Timing)
 
     @property
     def unfed(self) -> list[int]:
-        """Sampled tokens the decoder has not consumed: the last one, unless a stop id ended the reply."""
-        return [] if self.stop_reason == "eos" or not self.tokens else self.tokens[-1:]
+        """Sampled tokens the decoder has not consumed: the last one, unless a stop id or the full
+        context ended the reply."""
+        return [] if self.stop_reason in ("eos", "context_full") or not self.tokens else self.tokens[-1:]
 
 
 def load_tokenizer(path: Path) -> Tokenizer:
@@ -122,7 +124,7 @@ class Generator:
     def __init__(self, program: Program, tokenizer: Tokenizer, sampling: Sampling = Sampling()):
         self.program = program
         self.decoder = program if program.info.mode == KV else FixedWindowDecoder(program)
-        self.capacity = program.info.seq_len if program.info.mode == KV else None
+        self.capacity = program.info.context_len if program.info.mode == KV else None
         self.tokenizer = tokenizer
         self.sample = Sampler(sampling)
 
@@ -144,7 +146,7 @@ class Generator:
         if self.capacity is not None and self.position + len(prompt_ids) >= self.capacity:
             raise UserError(
                 f"the prompt needs {self.position + len(prompt_ids)} of the program's {self.capacity} positions "
-                "and leaves none to generate; shorten it or re-export with a larger --max-seq-len"
+                "and leaves none to generate; shorten it or re-export with a larger --max-context-length"
             )
         reply = Reply()
         reply.timing.prompt_tokens = len(prompt_ids)
@@ -153,6 +155,10 @@ class Generator:
         reply.timing.prefill_seconds = time.perf_counter() - started
         streamed = ""
         while True:
+            if self.capacity is not None and self.position >= self.capacity:
+                # The program answers <eos> at its last position (tasks.KVCacheLM): nothing to sample.
+                reply.stop_reason = "context_full"
+                break
             token = self.sample(logits)
             if not reply.tokens:
                 reply.timing.first_token_seconds = time.perf_counter() - started
@@ -166,9 +172,6 @@ class Generator:
                 streamed = text
             if len(reply.tokens) >= max_new_tokens:
                 reply.stop_reason = "max_new_tokens"
-                break
-            if self.capacity is not None and self.position >= self.capacity:
-                reply.stop_reason = "max_seq_len"
                 break
             decode_started = time.perf_counter()
             logits = self.decoder.step([token])

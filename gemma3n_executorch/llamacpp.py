@@ -110,3 +110,18 @@ def bench(tree: Path, gguf: Path, prompt_len: int, new_tokens: int, threads: int
     decode = next(r for r in results if r["n_gen"] == new_tokens and r["n_depth"] == prompt_len)["samples_ts"]
     return {"prefill_samples_tok_s": prefill, "decode_tok_s": sum(decode[1:]) / repeats,
             "llama_cpp_commit": results[0]["build_commit"]}
+
+
+def prefill(tree: Path, gguf: Path, prompt_len: int, threads: int) -> float:
+    """tok/s of one prefill of ``prompt_len`` tokens into an empty cache (after llama-bench's warm-up)."""
+    results = json.loads(_run([binary(tree, "llama-bench"), "-m", gguf, "-p", prompt_len, "-n", 0, "-t", threads,
+                               "-r", 1, "-o", "json"]))
+    return results[0]["avg_ts"]
+
+
+def decode_at_depths(tree: Path, gguf: Path, depths: list[int], new_tokens: int, threads: int) -> dict:
+    """Decode tok/s of ``new_tokens`` after each depth of tokens in the cache (``llama-bench -d``,
+    which fills the cache untimed first), with llama.cpp's default cache settings."""
+    results = json.loads(_run([binary(tree, "llama-bench"), "-m", gguf, "-p", 0, "-n", new_tokens,
+                               "-d", ",".join(map(str, depths)), "-t", threads, "-r", 1, "-o", "json"]))
+    return {r["n_depth"]: r["avg_ts"] for r in results}

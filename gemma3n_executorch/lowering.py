@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
 from executorch.exir.passes import MemoryPlanningPass
+from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
 from .progress import log
@@ -116,7 +117,7 @@ def export(module: torch.nn.Module, example_inputs: tuple, dynamic_shapes) -> to
 
 
 def lower(program: torch.export.ExportedProgram, backend: str, constant_methods: dict,
-          quantized_embeddings: bool = False, verbose: bool = False):
+          quantized_embeddings: bool = False, verbose: bool = False, initialized_buffers: tuple = ()):
     """Edge dialect + backend delegation + ExecuTorch memory planning; returns the program and
     the delegation report."""
     # No run_decompositions({}) beforehand: to_edge_transform_and_lower starts with exactly that,
@@ -138,12 +139,21 @@ def lower(program: torch.export.ExportedProgram, backend: str, constant_methods:
             # Only then: its constant folding would also store a transposed copy of a float lm_head.
             do_quant_fusion_and_const_prop=quantized_embeddings,
             extract_delegate_segments=True,
+            # Mutable buffers otherwise start with whatever the runtime's memory holds.
+            passes=[InitializedMutableBufferPass(list(initialized_buffers))] if initialized_buffers else [],
             # Inputs come from the caller's buffers; planning them would copy every call.
             memory_planning_pass=MemoryPlanningPass(alloc_graph_input=False),
             # Plan dynamic-shape tensors at their upper bound, not by symbolic guess.
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         )
     ), report
+
+
+def planned_bytes(program) -> int:
+    """The memory ExecuTorch's planner reserves for ``forward``: activations and the KV caches (the
+    runtime allocates it at load time; buffer 0 is reserved and empty)."""
+    plan = next(p for p in program.executorch_program.execution_plan if p.name == "forward")
+    return sum(plan.non_const_buffer_sizes)
 
 
 def delegation_report(graph_module: torch.fx.GraphModule) -> dict:

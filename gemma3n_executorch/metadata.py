@@ -30,7 +30,9 @@ class ProgramInfo:
     variant: str  # "E2B" / "E4B"
     source: str  # "tiny", a hub id or a directory
     mode: str  # "fixed" / "kv"
-    seq_len: int  # fixed: the window; kv: max_seq_len (tokens the cache holds)
+    seq_len: int  # fixed: the window; kv: max_seq_length, the most tokens one call takes
+    context_len: int  # kv: max_context_length, the positions the cache holds; fixed: the window
+    kv_cache: str  # kv: the cache's precision (options.KV_CACHE_DTYPES); fixed: "none"
     vocab_size: int
     dtype: str  # "fp32" / "bf16" / "fp16"
     quantize: str  # linear layers: options.LINEAR_SCHEMES
@@ -43,7 +45,7 @@ class ProgramInfo:
         if self.mode == "kv":
             methods.update({
                 RUNNER_MAX_SEQ_LEN: self.seq_len,
-                RUNNER_MAX_CONTEXT_LEN: self.seq_len,
+                RUNNER_MAX_CONTEXT_LEN: self.context_len,
                 RUNNER_VOCAB_SIZE: self.vocab_size,
                 RUNNER_BOS_ID: BOS_ID,
                 RUNNER_EOS_IDS: list(STOP_IDS),

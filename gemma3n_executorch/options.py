@@ -15,6 +15,8 @@ LINEAR_SCHEMES = ("none", "int8", "8da4w")
 # the tied lm_head gets the same bit width (see quantize.py).
 EMBEDDING_SCHEMES = ("none", "8w", "4w")
 BACKENDS = ("portable", "xnnpack")
+# The KV cache's precision (kv mode; tasks.KV_CACHE_DTYPES has one cache class for each).
+KV_CACHE_DTYPES = ("fp32", "int8")
 DEFAULT_GROUP_SIZE = 128  # measured: faster on XNNPACK than 32 (docs/benchmarks.md), and smaller
 PER_CHANNEL = 0  # --group-size 0: one int4 scale per output channel (XNNPACK's fastest 4-bit kernels)
 
@@ -22,10 +24,13 @@ PER_CHANNEL = 0  # --group-size 0: one int4 scale per output channel (XNNPACK's 
 # chosen by measurement (docs/benchmarks.md).
 MODE_DEFAULTS = {
     FIXED: dict(dtype="bf16", quantize="none", embeddings="none", backend="portable"),
-    KV: dict(dtype="fp32", quantize="8da4w", embeddings="4w", backend="xnnpack"),
+    KV: dict(dtype="fp32", quantize="8da4w", embeddings="4w", backend="xnnpack", kv_cache="int8"),
 }
-DEFAULT_SEQ_LEN = 32
-DEFAULT_MAX_SEQ_LEN = 2048
+DEFAULT_SEQ_LEN = 32  # fixed: the window
+# kv: tokens one call takes (ExecuTorch's max_seq_length; longer prompts are fed in chunks of it) and
+# positions the cache holds (max_context_length). Chosen by measurement (docs/benchmarks.md).
+DEFAULT_MAX_SEQ_LENGTH = 128
+DEFAULT_MAX_CONTEXT_LENGTH = 32768
 
 
 @dataclass(frozen=True)
@@ -37,7 +42,9 @@ class ExportOptions:
     embeddings: str
     group_size: int
     backend: str
-    seq_len: int  # fixed: window length; kv: max_seq_len
+    seq_len: int  # fixed: window length; kv: tokens per call (max_seq_length)
+    context_len: int  # kv: positions the cache holds (max_context_length); fixed: the window
+    kv_cache: str  # kv: KV_CACHE_DTYPES; fixed: "none"
 
     @property
     def needs_xnnpack(self) -> bool:
@@ -45,7 +52,8 @@ class ExportOptions:
 
 
 def resolve(mode: str, dtype: str | None, quantize: str | None, embeddings: str | None, backend: str | None,
-            group_size: int, model: str, seq_len: int) -> ExportOptions:
+            group_size: int, model: str, seq_len: int, context_len: int | None = None,
+            kv_cache: str | None = None) -> ExportOptions:
     """Fill what was not given from the mode's defaults, so that an explicit choice pulls in what
     it needs (``--quantize 8da4w`` alone means XNNPACK and fp32); refuse combinations that have no
     kernels, with a message that says what to pass instead (ValueError)."""
@@ -67,5 +75,14 @@ def resolve(mode: str, dtype: str | None, quantize: str | None, embeddings: str 
     if group_size != PER_CHANNEL and (group_size < 2 or group_size % 2):
         raise ValueError(f"--group-size must be an even number of at least 2 ({DEFAULT_GROUP_SIZE} is the default), "
                          f"or {PER_CHANNEL} for one scale per output channel")
+    if mode == FIXED:
+        context_len, kv_cache = seq_len, "none"
+    else:
+        context_len = context_len or DEFAULT_MAX_CONTEXT_LENGTH
+        kv_cache = kv_cache or defaults["kv_cache"]
+        if seq_len > context_len:
+            raise ValueError(f"--max-seq-length {seq_len} (tokens per call) exceeds --max-context-length {context_len} "
+                             "(positions the cache holds): lower it or raise the context")
     return ExportOptions(model=model, mode=mode, dtype=dtype, quantize=quantize, embeddings=embeddings,
-                         group_size=group_size, backend=backend, seq_len=seq_len)
+                         group_size=group_size, backend=backend, seq_len=seq_len, context_len=context_len,
+                         kv_cache=kv_cache)

@@ -30,7 +30,14 @@ class Tolerance:
 PEER_MARGIN = 0.05
 
 
-def tolerance_for(dtype: str, quantize: str, embeddings: str = "none") -> Tolerance:
+def tolerance_for(dtype: str, quantize: str, embeddings: str = "none", kv_cache: str = "fp32") -> Tolerance:
+    if kv_cache == "int8":
+        # The eager reference attends in fp32; the program quantizes keys, values and queries to
+        # int8 per position and head. Measured on the tiny models (docs/experiment_kv_cache_error.py):
+        # the int8 cache alone moves the logits by a relative L2 of 0.02-0.03 (top-1 0.94-0.97);
+        # with 8da4w and 4-bit embeddings, the eager model with an int8 cache agrees with the
+        # same quantization attending in fp32 at top-1 0.91, and the exported phone program at 0.89.
+        return Tolerance(min_top1=0.85, max_relative_l2=0.15)
     if dtype == "fp32" and quantize == "none" and embeddings == "none":
         return Tolerance(min_top1=0.99, max_abs=1e-3)
     if quantize == "8da4w" or embeddings != "none":

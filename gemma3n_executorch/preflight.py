@@ -76,7 +76,7 @@ def check_program_file(path: Path) -> None:
     if path.suffix != ".pte":
         raise UserError(f"{path}: not a .pte file; pass a program written by e2b/export.py or e4b/export.py")
     with path.open("rb") as file:
-        head = file.read(40)
+        head = file.read(EXTENDED_HEADER_END)
     if len(head) < 8 or head[4:6] != ET_MAGIC:
         raise UserError(f"{path}: not an ExecuTorch program (bad header); re-export it")
     if head[8:12] == EXTENDED_HEADER_MAGIC:
@@ -84,3 +84,11 @@ def check_program_file(path: Path) -> None:
         expected = max(program_size, segment_base + segment_size)
         if path.stat().st_size < expected:
             raise UserError(f"{path}: truncated ({path.stat().st_size} of {expected} bytes); re-export it")
+
+
+EXTENDED_HEADER_END = 40  # the flatbuffer's file identifier, then the extended header's sizes
+
+
+def flatbuffer_size(head: bytes) -> int | None:
+    """Bytes of the program's flatbuffer (the segments follow it), from the extended header."""
+    return struct.unpack_from("<Q", head, 16)[0] if head[8:12] == EXTENDED_HEADER_MAGIC else None

@@ -49,15 +49,30 @@ class Program:
         self.position = 0
 
     def step(self, tokens: list[int]) -> torch.Tensor:
-        """Append ``tokens`` at the current position in one call; logits of the last one, [vocab]."""
+        """Append ``tokens`` at the current position, in calls of at most the program's
+        max_seq_length tokens; logits of the last one, [vocab]."""
         self.require_mode(KV)
-        if self.position + len(tokens) > self.info.seq_len:
+        if self.position + len(tokens) > self.info.context_len:
             raise UserError(
-                f"{self.position + len(tokens)} tokens do not fit the program's max_seq_len {self.info.seq_len}; "
-                "shorten the prompt or re-export with a larger --max-seq-len"
+                f"{self.position + len(tokens)} tokens do not fit the program's context of {self.info.context_len} "
+                "positions; shorten the prompt or re-export with a larger --max-context-length"
             )
-        ids = torch.tensor([tokens], dtype=torch.long)
-        positions = torch.arange(self.position, self.position + len(tokens), dtype=torch.long)
-        logits = self._forward.execute([ids, positions])[0]
-        self.position += len(tokens)
+        for start in range(0, len(tokens), self.info.seq_len):
+            chunk = tokens[start:start + self.info.seq_len]
+            ids = torch.tensor([chunk], dtype=torch.long)
+            positions = torch.arange(self.position, self.position + len(chunk), dtype=torch.long)
+            logits = self._forward.execute([ids, positions])[0]
+            self.position += len(chunk)
         return logits.reshape(-1)
+
+    def planned_bytes(self) -> int:
+        """The memory the runtime reserves for ``forward`` (activations and KV caches), as the
+        program's own memory plan states it (the Python bindings do not expose it)."""
+        from executorch.exir._serialize._flatbuffer_program import _flatbuffer_to_program
+
+        with self.path.open("rb") as file:
+            head = file.read(preflight.EXTENDED_HEADER_END)
+            file.seek(0)
+            program = _flatbuffer_to_program(file.read(preflight.flatbuffer_size(head)))
+        plan = next(p for p in program.execution_plan if p.name == "forward")
+        return sum(plan.non_const_buffer_sizes)

@@ -3,21 +3,43 @@
 * ``FixedWindowLM``: ``forward(input_ids[1, seq_len]) -> logits[1, seq_len, vocab]`` — the
   original design, stateless, Hugging Face's own forward including the final soft-cap.
 * ``KVCacheLM``: ``forward(tokens[1, n], input_pos[n]) -> logits[1, vocab]`` for the last
-  position, with static KV caches inside the program, ``n`` dynamic so a prompt prefills in
-  one call. Only the attention modules are replaced; AltUp, Laurel, per-layer embeddings,
-  activation sparsity, RoPE tables and the soft-cap still run Hugging Face's code.
+  position, with static KV caches inside the program. ``n`` is dynamic up to ``max_seq_len``
+  (the tokens of one call: a prompt longer than that is fed chunk by chunk) and the caches hold
+  ``max_context_len`` positions. Only the attention modules are replaced; AltUp, Laurel,
+  per-layer embeddings, activation sparsity, RoPE tables and the soft-cap still run Hugging
+  Face's code.
+
+The caches follow Gemma 3n's attention pattern. A full-attention layer that owns KV keeps every
+position of the context. A sliding layer only ever sees its last ``sliding_window`` positions,
+so it keeps a ring of ``sliding_window + max_seq_len`` slots (a chunk's first query still needs
+the window before the chunk): the ring's size does not depend on the context, and neither does
+its mask, ``[n, ring]``, built once per call and shared by every sliding layer. KV-shared layers
+read the cache of the last owner of their attention type, ring or full, with the same mask.
 """
 
 from __future__ import annotations
 
 import torch
 from torch import nn
+from torch.ao.quantization.fx._decomposed import quantized_decomposed_lib  # noqa: F401  quantized_decomposed.*
 from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextAttention, apply_rotary_pos_emb
 
+import executorch.kernels.quantized  # noqa: F401  out variants of quantized_decomposed.* (the int8 cache)
 from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers torch.ops.llama.*
+
+from .options import KV_CACHE_DTYPES
+from .variants import EOS_ID
+
+SLIDING, FULL = "sliding_attention", "full_attention"
+# A ring's slots are all read (masked) from the first call on, before every one is written: its
+# buffers are stored zeroed in the program (E2B int8: 10.5 MB) so that no slot ever holds garbage
+# (a NaN times a zero attention weight is still NaN). Full caches are read only where written.
+RING_CACHE = "ring_cache"
 
 
 class FixedWindowLM(nn.Module):
+    initialized_buffers = ()  # stateless
+
     def __init__(self, model: nn.Module, seq_len: int):
         super().__init__()
         self.model = model
@@ -33,41 +55,93 @@ class FixedWindowLM(nn.Module):
         return None
 
 
+class FloatCache(nn.Module):
+    """Keys and values as computed, in the layout ExecuTorch's SDPA kernels read ([1, slots, heads, dim])."""
+
+    def __init__(self, slots: int, heads: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape = (1, slots, heads, head_dim)
+        self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
+
+    def write(self, key, value, start_pos, slots=None) -> None:
+        _write(key, self.k_cache, start_pos, slots)
+        _write(value, self.v_cache, start_pos, slots)
+
+    def attend(self, query, start_pos, mask):
+        # With a mask the kernel attends over every slot (the mask says which are visible); without
+        # one, causally over positions [0, start_pos + n). Gemma 3n's query norm replaces the
+        # 1/sqrt(head_dim) scaling, hence scale 1.
+        return torch.ops.llama.custom_sdpa(query, self.k_cache, self.v_cache, start_pos, mask, 0.0, mask is None, 1.0)
+
+
+class Int8Cache(nn.Module):
+    """Keys and values quantized to int8 with one scale and zero point per position and head (a
+    quarter of fp32's bytes, read by ExecuTorch's quantized SDPA kernel); queries are quantized
+    the same way at attention time, as that kernel requires."""
+
+    def __init__(self, slots: int, heads: int, head_dim: int, dtype: torch.dtype):
+        super().__init__()
+        shape, scales = (1, slots, heads, head_dim), (1, slots, heads, 1)
+        for name in ("k", "v"):
+            self.register_buffer(f"{name}_cache", torch.zeros(shape, dtype=torch.int8), persistent=False)
+            self.register_buffer(f"{name}_scales", torch.ones(scales, dtype=torch.float32), persistent=False)
+            self.register_buffer(f"{name}_zero_points", torch.zeros(scales, dtype=torch.int8), persistent=False)
+
+    def write(self, key, value, start_pos, slots=None) -> None:
+        for values, cache, scales, zero_points in ((key, self.k_cache, self.k_scales, self.k_zero_points),
+                                                    (value, self.v_cache, self.v_scales, self.v_zero_points)):
+            quantized, scale, zero_point = _quantize_per_token(values)
+            _write(quantized, cache, start_pos, slots)
+            _write(scale, scales, start_pos, slots)
+            _write(zero_point, zero_points, start_pos, slots)
+
+    def attend(self, query, start_pos, mask):
+        quantized, scale, zero_point = _quantize_per_token(query)
+        output = torch.ops.llama.custom_quantized_sdpa(
+            quantized, self.k_cache, self.v_cache, start_pos, mask, 0.0, mask is None, 1.0,
+            zero_point, scale, self.k_zero_points, self.k_scales, self.v_zero_points, self.v_scales)
+        return output.to(query.dtype)
+
+
+CACHE_CLASSES = dict(zip(KV_CACHE_DTYPES, (FloatCache, Int8Cache)))
+
+
+def _quantize_per_token(values: torch.Tensor):
+    """int8 values, fp32 scales and int8 zero points over the last dimension (one head's vector)."""
+    scale, zero_point = torch.ops.quantized_decomposed.choose_qparams_per_token_asymmetric.default(values, torch.int8)
+    quantized = torch.ops.quantized_decomposed.quantize_per_token(values, scale, zero_point, -128, 127, torch.int8)
+    return quantized, scale.to(torch.float32), zero_point.to(torch.int8)
+
+
+def _write(values, cache, start_pos, slots) -> None:
+    if slots is None:  # a full-length cache: positions are slots
+        torch.ops.llama.update_cache(values, cache, start_pos)
+    else:
+        torch.ops.llama.update_cache_with_indices(values, cache, start_pos, slots)
+
+
 class CachedAttention(nn.Module):
-    """Gemma 3n attention over a static cache, in the layout ExecuTorch's SDPA kernels use.
+    """Gemma 3n attention over a static cache: owners write their new keys and values, then every
+    layer attends over the cache of its attention type (its own, or the one it shares)."""
 
-    Layers that own KV write their new keys/values at ``input_pos`` with ``llama::update_cache``.
-    The last layer of each attention type before the shared block publishes its cache in
-    ``shared_kv_states``; the KV-shared layers attend over that cache instead of their own.
-    Sliding layers mask keys older than ``sliding_window`` positions; full layers are causal.
-    """
-
-    def __init__(self, source: Gemma3nTextAttention, max_seq_len: int):
+    def __init__(self, source: Gemma3nTextAttention, slots: int, cache_class):
         super().__init__()
         config = source.config
         self.layer_type = source.layer_type
-        self.sliding_window = source.sliding_window
+        self.ring = self.layer_type == SLIDING
         self.owns_cache = not source.is_kv_shared_layer
         self.shares_cache = source.store_full_length_kv
         self.head_dim = config.head_dim
-        self.max_seq_len = max_seq_len
         self.q_proj, self.q_norm, self.o_proj = source.q_proj, source.q_norm, source.o_proj
         if self.owns_cache:
             self.k_proj, self.k_norm = source.k_proj, source.k_norm
             self.v_proj, self.v_norm = source.v_proj, source.v_norm
-            shape = (1, max_seq_len, config.num_key_value_heads, config.head_dim)
-            dtype = source.q_proj.weight.dtype
-            self.register_buffer("k_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-            self.register_buffer("v_cache", torch.zeros(shape, dtype=dtype), persistent=False)
-
-    def sliding_mask(self, positions: torch.Tensor) -> torch.Tensor:
-        keys = torch.arange(self.max_seq_len, device=positions.device)
-        queries = positions.unsqueeze(-1)
-        visible = (keys <= queries) & (keys > queries - self.sliding_window)
-        return torch.where(visible, 0.0, float("-inf")).to(torch.float32)
+            cache = cache_class(slots, config.num_key_value_heads, config.head_dim, source.q_proj.weight.dtype)
+            setattr(self, RING_CACHE if self.ring else "full_cache", cache)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, shared_kv_states=None,
-                position_ids=None, start_pos=None, **kwargs):
+                position_ids=None, start_pos=None, ring_slots=None, **kwargs):
         batch, length, _ = hidden_states.shape
         per_head = (batch, length, -1, self.head_dim)
         cos, sin = position_embeddings
@@ -76,50 +150,80 @@ class CachedAttention(nn.Module):
         if self.owns_cache:
             key = apply_rotary_pos_emb(self.k_norm(self.k_proj(hidden_states).view(per_head)), cos, sin, unsqueeze_dim=2)
             value = self.v_norm(self.v_proj(hidden_states).view(per_head))
-            torch.ops.llama.update_cache(key, self.k_cache, start_pos)
-            torch.ops.llama.update_cache(value, self.v_cache, start_pos)
-            key_cache, value_cache = self.k_cache, self.v_cache
+            cache = getattr(self, RING_CACHE) if self.ring else self.full_cache
+            cache.write(key, value, start_pos, ring_slots if self.ring else None)
             if self.shares_cache:
-                shared_kv_states[self.layer_type] = (key_cache, value_cache)
+                shared_kv_states[self.layer_type] = cache
         else:
-            key_cache, value_cache = shared_kv_states[self.layer_type]
-
-        if self.sliding_window is not None:
-            mask = self.sliding_mask(position_ids[0])
-            output = torch.ops.llama.custom_sdpa(query, key_cache, value_cache, start_pos, mask, 0.0, False, 1.0)
-        else:
-            output = torch.ops.llama.custom_sdpa(query, key_cache, value_cache, start_pos, None, 0.0, True, 1.0)
+            cache = shared_kv_states[self.layer_type]
+        # attention_mask: the ring's visibility mask for sliding layers, None (causal) for full ones.
+        output = cache.attend(query, start_pos, attention_mask)
         return self.o_proj(output.reshape(batch, length, -1)), None
 
 
+def ring_size(sliding_window: int, max_seq_len: int, max_context_len: int) -> int:
+    """Slots a sliding layer keeps: its window plus one call's tokens, or the whole context if smaller."""
+    return min(max_context_len, sliding_window + max_seq_len)
+
+
 class KVCacheLM(nn.Module):
-    def __init__(self, model: nn.Module, max_seq_len: int):
+    def __init__(self, model: nn.Module, max_seq_len: int, max_context_len: int, kv_cache: str = "fp32"):
         super().__init__()
         self.model = model
         self.max_seq_len = max_seq_len
+        self.max_context_len = max_context_len
+        self.sliding_window = model.config.sliding_window
+        self.ring_slots = ring_size(self.sliding_window, max_seq_len, max_context_len)
+        cache_class = CACHE_CLASSES[kv_cache]
         for layer in model.model.layers:
-            layer.self_attn = CachedAttention(layer.self_attn, max_seq_len)
-        # Hugging Face builds masks when none are given; the cached attention makes its own.
-        self._no_masks = {layer_type: None for layer_type in set(model.config.layer_types)}
+            attention = layer.self_attn
+            slots = self.ring_slots if attention.layer_type == SLIDING else max_context_len
+            layer.self_attn = CachedAttention(attention, slots, cache_class)
+
+    def ring_mask(self, positions: torch.Tensor) -> torch.Tensor:
+        """[n, ring] additive mask: which slot each query may see once this call's tokens are written.
+
+        Positions arrive in order, so after the write slot ``s`` holds the latest position ``p``
+        with ``p % ring == s`` and ``p <= last`` (negative: never written since position 0).
+        """
+        last = positions[-1]
+        slots = torch.arange(self.ring_slots, device=positions.device)
+        held = last - torch.remainder(last - slots, self.ring_slots)
+        age = positions.unsqueeze(-1) - held
+        visible = (held >= 0) & (age >= 0) & (age < self.sliding_window)
+        return torch.where(visible, 0.0, float("-inf")).to(torch.float32)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
         # One symbolic start position for every layer: each extra .item() is another unbacked
         # symbol that export and lowering must reason about.
         start_pos = input_pos[0].item()
         torch._check(start_pos >= 0)
-        torch._check(start_pos + tokens.shape[1] <= self.max_seq_len)
+        torch._check(start_pos + tokens.shape[1] <= self.max_context_len)
         output = self.model(
             input_ids=tokens,
             position_ids=input_pos.unsqueeze(0),
-            attention_mask=self._no_masks,
+            # Hugging Face passes each layer the mask of its type; ours are the ring's and causal.
+            attention_mask={SLIDING: self.ring_mask(input_pos), FULL: None},
             use_cache=False,
             logits_to_keep=1,
-            start_pos=start_pos,  # Hugging Face passes extra keyword arguments down to attention
+            # Extra keyword arguments reach the attention modules.
+            start_pos=start_pos,
+            ring_slots=torch.remainder(input_pos, self.ring_slots).unsqueeze(0),
         )
-        return output.logits[:, -1, :]
+        logits = output.logits[:, -1, :]
+        # The next token would not fit: answer <eos>. ExecuTorch 1.4.1's runner takes any program
+        # whose max_seq_len is below its max_context_len for one whose positions never run out
+        # (ring caches only) and would feed the next token anyway; this way it stops cleanly. The
+        # token replaced could never have been fed back.
+        context_full = input_pos[-1] + 1 >= self.max_context_len
+        not_eos = torch.arange(logits.shape[-1], device=logits.device) != EOS_ID
+        return logits.masked_fill(context_full & not_eos, float("-inf"))
 
     def kv_cache_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for name, b in self.named_buffers() if name.endswith("_cache"))
+        return sum(b.numel() * b.element_size() for module in self.modules() if isinstance(module, tuple(CACHE_CLASSES.values()))
+                   for b in module.buffers())
+
+    initialized_buffers = (RING_CACHE,)  # names of buffers whose initial state the program must keep
 
     def example_inputs(self) -> tuple:
         return (torch.zeros(1, 2, dtype=torch.long), torch.arange(2, dtype=torch.long))

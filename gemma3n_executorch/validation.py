@@ -36,8 +36,8 @@ def run_program(program: Program, num_tokens: int) -> tuple[list[int], torch.Ten
         windows = [parity.probe_tokens(info.seq_len, info.vocab_size, BOS_ID, seed) for seed in range(parity.PROBE_WINDOWS)]
         logits = [program.forward_fixed(torch.tensor([window], dtype=torch.long))[0] for window in windows]
         return windows, torch.cat(logits)
-    tokens = parity.probe_tokens(min(KV_PROMPT_TOKENS, info.seq_len - 1), info.vocab_size, BOS_ID)
-    steps = min(num_tokens, info.seq_len - len(tokens))
+    tokens = parity.probe_tokens(min(KV_PROMPT_TOKENS, info.context_len - 1), info.vocab_size, BOS_ID)
+    steps = min(num_tokens, info.context_len - len(tokens))
     rows = [program.step(tokens)]
     for _ in range(steps - 1):
         tokens.append(int(rows[-1].argmax()))
@@ -66,11 +66,12 @@ def validate(path: Path, model: str | None, num_tokens: int) -> int:
     info = program.info
     print(f"{path}: Gemma 3n {info.variant} from {info.source}, mode {info.mode}, {info.dtype}, "
           f"quantize {info.quantize}, embeddings {info.embeddings}, backend {info.backend}, "
-          f"{'max_seq_len' if info.mode == KV else 'seq_len'} {info.seq_len}, vocab {info.vocab_size}")
+          + (f"max_seq_length {info.seq_len}, max_context_length {info.context_len}, {info.kv_cache} KV cache"
+             if info.mode == KV else f"seq_len {info.seq_len}") + f", vocab {info.vocab_size}")
     print(f"methods: {', '.join(program.method_names)}")
     checks = Checks()
     tokens, logits = run_program(program, num_tokens)
-    rows = info.seq_len * parity.PROBE_WINDOWS if info.mode == FIXED else min(num_tokens, info.seq_len - KV_PROMPT_TOKENS)
+    rows = info.seq_len * parity.PROBE_WINDOWS if info.mode == FIXED else min(num_tokens, info.context_len - KV_PROMPT_TOKENS)
     checks.check(tuple(logits.shape) == (rows, info.vocab_size),
                  f"logits shape {tuple(logits.shape)} (expected {(rows, info.vocab_size)})")
     checks.check(logits.dtype == TORCH_DTYPES[info.dtype], f"logits dtype {logits.dtype} (expected {TORCH_DTYPES[info.dtype]})")
@@ -85,7 +86,7 @@ def validate(path: Path, model: str | None, num_tokens: int) -> int:
         prompt_length = len(tokens) - len(logits) + 1
         expected = expected[prompt_length - 1:] if info.mode == KV else expected
         agreement = parity.compare(logits, expected)
-        tolerance = parity.tolerance_for(info.dtype, info.quantize, info.embeddings)
+        tolerance = parity.tolerance_for(info.dtype, info.quantize, info.embeddings, info.kv_cache)
         checks.check(agreement.within(tolerance), f"against eager PyTorch ({model}): {agreement} "
                      f"(tolerance: top-1 >= {tolerance.min_top1}"
                      + (f", max |diff| <= {tolerance.max_abs})" if tolerance.max_abs else ")"))
