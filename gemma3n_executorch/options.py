@@ -24,13 +24,14 @@ PER_CHANNEL = 0  # --group-size 0: one int4 scale per output channel (XNNPACK's 
 # chosen by measurement (docs/benchmarks.md).
 MODE_DEFAULTS = {
     FIXED: dict(dtype="bf16", quantize="none", embeddings="none", backend="portable"),
-    KV: dict(dtype="fp32", quantize="8da4w", embeddings="4w", backend="xnnpack", kv_cache="int8"),
+    KV: dict(dtype="fp32", quantize="8da4w", embeddings="4w", backend="xnnpack", kv_cache="fp32"),
 }
 DEFAULT_SEQ_LEN = 32  # fixed: the window
-# kv: tokens one call takes (ExecuTorch's max_seq_length; longer prompts are fed in chunks of it) and
-# positions the cache holds (max_context_length). Chosen by measurement (docs/benchmarks.md).
+# kv: tokens one call takes (ExecuTorch's max_seq_length and its default; longer prompts are fed in
+# chunks of it) and positions the cache holds (max_context_length): LiteRT-LM's Gemma 3n context,
+# 109 MB of fp32 cache for E2B; docs/benchmarks.md says why not 32768 by default.
 DEFAULT_MAX_SEQ_LENGTH = 128
-DEFAULT_MAX_CONTEXT_LENGTH = 32768
+DEFAULT_MAX_CONTEXT_LENGTH = 4096
 
 
 @dataclass(frozen=True)

@@ -46,7 +46,16 @@ def eager_quantized_logits():
 
 def test_phone_program_agrees_with_the_same_quantization_run_eagerly(phone_logits, eager_quantized_logits):
     agreement = parity.compare(phone_logits, eager_quantized_logits)
+    assert agreement.within(parity.tolerance_for("fp32", "8da4w", "4w")), agreement
+
+
+def test_int8_kv_cache_program_stays_within_its_tolerance(programs, phone_logits, eager_quantized_logits):
+    """The phone recipe with --kv-cache int8, against the same weight quantization attending in
+    fp32 (eagerly); and the cache really is quantized (it differs from the fp32-cache program)."""
+    int8 = teacher_forced(programs.get("e2b", *PHONE_FLAGS, "--kv-cache", "int8"))
+    agreement = parity.compare(int8, eager_quantized_logits)
     assert agreement.within(parity.tolerance_for("fp32", "8da4w", "4w", "int8")), agreement
+    assert parity.compare(int8, phone_logits).relative_l2 > 0.01
 
 
 def test_phone_program_error_against_fp32_is_no_worse_than_eager_quantization(
