@@ -326,6 +326,7 @@ def main(argv: list[str] | None = None) -> int:
                              "every instruction it translates; that log costs time)")
     parser.add_argument("--json", type=Path, help="write the checks and timings here")
     args = parser.parse_args(argv)
+    sys.stdout.reconfigure(line_buffering=True)  # each CPU's report as it comes, also into a log file
     cpus = [cpu.strip() for cpu in args.cpus.split(";") if cpu.strip()]
     try:
         unknown = [cpu for cpu in cpus if emulated_cpu.model_of(cpu) not in emulated_cpu.MIDR]
