@@ -67,6 +67,7 @@ CPUS = {
     "max,sme=off": "Armv9-A phone cores without SME (Cortex-X2..X4, A710..A720): SVE2, i8mm, dot product, bf16",
     "max,sve=off,sme=off": "i8mm and dot product without SVE (Armv8.6-A without SVE)",
     "cortex-a76": "mid-range phones (Cortex-A76..A78 class): dot product and fp16, no i8mm, no SVE",
+    # PyPI's aarch64 wheels die on it (SIGILL on an LSE atomic, Armv8.1-A): kept to show that.
     "cortex-a53": "low-end phones and little cores (Armv8.0-A): NEON only, no dot product",
 }
 DEFAULT_CPUS = ("max", "max,sme=off", "cortex-a76", "cortex-a53")
