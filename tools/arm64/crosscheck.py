@@ -43,14 +43,14 @@ from gemma3n_executorch.progress import StageTimer, UserError, log  # noqa: E402
 from gemma3n_executorch.variants import BOS_ID  # noqa: E402
 
 VARIANTS = ("e2b", "e4b")
-MAX_SEQ_LEN = 160
+LENGTHS = ("--max-context-length", "160", "--max-seq-length", "12")  # prompts past one call, as in the tests
 # Programs as the tests export them (tests/test_kv_generation.py): the unquantized fp32 KV program
 # on portable kernels, the phone recipe (the --mode kv defaults; 32-weight groups, because the tiny
 # model is 64 wide), and a fixed fp32 window.
 PROGRAM_FLAGS = {
-    "kv-fp32": ("--mode", "kv", "--max-seq-len", str(MAX_SEQ_LEN), "--dtype", "fp32", "--quantize", "none",
-                "--quantize-embeddings", "none", "--backend", "portable"),
-    "phone": ("--mode", "kv", "--max-seq-len", str(MAX_SEQ_LEN), "--group-size", "32", "--verbose"),
+    "kv-fp32": ("--mode", "kv", *LENGTHS, "--dtype", "fp32", "--quantize", "none",
+                "--quantize-embeddings", "none", "--backend", "portable", "--kv-cache", "fp32"),
+    "phone": ("--mode", "kv", *LENGTHS, "--group-size", "32", "--verbose"),
     "fixed-fp32": ("--dtype", "fp32"),
 }
 PHONE_GROUP_SIZE = 32
