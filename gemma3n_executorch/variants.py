@@ -12,8 +12,9 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_ARCHITECTURES = REPO_ROOT.parent / "shared" / "gemma3n"
+# The text_config of each published checkpoint, shipped with the package so that random-weight
+# models of the real size (bench.py) need nothing outside the clone.
+ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
 
 TINY_MODEL = "tiny"  # the --model value that selects the built-in random-weight demo model
 
@@ -30,7 +31,7 @@ def _tiny_layer_types(num_layers: int, full_every: int) -> list[str]:
 class Variant:
     name: str  # "E2B"
     hub_id: str
-    architecture_file: str  # text_config of the published checkpoint, in ../shared/gemma3n/
+    architecture_file: str  # text_config of the published checkpoint, in ARCHITECTURES
     tiny_config: dict = field(repr=False)
 
     @property
@@ -43,10 +44,7 @@ class Variant:
 
     def real_text_config(self, layers: int | None = None) -> dict:
         """The published text config; with ``layers``, cut to that depth (see ``cut_to_layers``)."""
-        path = SHARED_ARCHITECTURES / self.architecture_file
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the real architectures live in ../shared/gemma3n/ beside the repo")
-        config = json.loads(path.read_text())
+        config = json.loads((ARCHITECTURES / self.architecture_file).read_text())
         return config if layers is None else cut_to_layers(config, layers)
 
 

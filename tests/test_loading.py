@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +88,15 @@ def test_kv_projections_of_the_shared_layers_are_stored_as_published_and_ignored
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, reference(ids).logits)
+
+
+def test_real_architectures_ship_with_the_package(tmp_path):
+    """A user's clone has no ../shared/ beside it: the package alone must give the published
+    architectures (E2B: 30 layers, MLP 8192; E4B: 35 layers, MLP 16384, as on the model cards)."""
+    shutil.copytree(REPO / "gemma3n_executorch", tmp_path / "clone" / "gemma3n_executorch")
+    code = ("import json; from gemma3n_executorch.variants import VARIANTS;"
+            "print(json.dumps({k: [v.real_text_config()[f] for f in ('num_hidden_layers', 'num_kv_shared_layers')]"
+            " + [v.real_text_config()['intermediate_size'][0]] for k, v in VARIANTS.items()}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "clone", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout) == {"e2b": [30, 10, 8192], "e4b": [35, 15, 16384]}
