@@ -38,9 +38,10 @@ def chat(session, max_new_tokens: int) -> None:
     while True:
         try:
             text = input("> ")
+            text.encode("utf-8")  # under a C locale stdin smuggles bad bytes in as surrogates
         except EOFError:
             break
-        except UnicodeDecodeError:  # the line is lost, the session is not
+        except UnicodeError:  # the line is lost, the session is not
             print("error: that line is not UTF-8 text; type it again", file=sys.stderr)
             continue
         if text.strip() in ("", "/exit"):
