@@ -1,5 +1,5 @@
 """Benchmark exported KV-cache programs against eager PyTorch, on random-weight Gemma 3n models of
-the real architecture (../shared/gemma3n/), in one run on one machine.
+the real architecture (gemma3n_executorch/architectures/), in one run on one machine.
 
     python bench.py --variant e2b [--layers N] [--configs LIST] [--prompt-len 128] [--new-tokens 128]
                     [--repeats 3] [--json OUT.json] [--model tiny]

@@ -18,7 +18,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from gemma3n_executorch import preflight  # noqa: E402
-from gemma3n_executorch.progress import UserError  # noqa: E402
+from gemma3n_executorch.progress import run_cli  # noqa: E402
 from gemma3n_executorch.variants import TINY_MODEL  # noqa: E402
 
 
@@ -28,16 +28,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--model", help="hub id, checkpoint directory or 'tiny': compare with it run eagerly")
     parser.add_argument("--tokens", type=int, default=16, help="kv programs: greedy steps to run (default 16)")
     args = parser.parse_args(argv)
-    try:
-        preflight.check_program_file(args.program)
-        if args.model not in (None, TINY_MODEL):
-            preflight.local_checkpoint(args.model)
-        from gemma3n_executorch.validation import validate
+    if args.tokens < 1:
+        parser.error("--tokens must be at least 1")
+    return run_cli(lambda: run(args))
 
-        return validate(args.program, args.model, args.tokens)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+
+def run(args) -> int:
+    preflight.check_program_file(args.program)
+    if args.model not in (None, TINY_MODEL):
+        preflight.local_checkpoint(args.model)
+    from gemma3n_executorch.validation import validate
+
+    return validate(args.program, args.model, args.tokens)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,14 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from safetensors import SafetensorError
 from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+from transformers.modeling_utils import local_torch_dtype
 from transformers.utils import logging as hf_logging
 
 from . import preflight
 from .progress import UserError
-from .variants import TINY_MODEL, Variant
+from .variants import TINY_MODEL, Variant, identify_variant
 
 # Multimodal checkpoints nest the decoder one level deeper than Gemma3nForCausalLM expects.
 TEXT_KEY_MAPPING = {r"^model\.language_model\.": "model."}
@@ -29,6 +31,9 @@ STORED_DTYPE = torch.bfloat16  # how the published Gemma 3n checkpoints store th
 # the exported program's reference is then the same math. Measured on tiny E4B in bf16: argmax
 # agreement of the program with eager rises from 0.94 (SDPA) to 0.965.
 ATTENTION = "eager"
+# What the published multimodal checkpoints carry beyond the text decoder; the KV-shared layers'
+# k/v projections are dropped by transformers itself (_keys_to_ignore_on_load_unexpected).
+NON_TEXT_PREFIXES = ("model.vision_tower.", "model.audio_tower.", "model.embed_vision.", "model.embed_audio.")
 HUB_FILES = ["config.json", "*.safetensors", "*.safetensors.index.json", "tokenizer.json",
              "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "generation_config.json"]
 
@@ -107,13 +112,8 @@ def cast_(model: Gemma3nForCausalLM, dtype: torch.dtype) -> None:
     for parameter in model.parameters():
         if type(parameter.data) is torch.Tensor and parameter.is_floating_point():
             parameter.data = parameter.data.to(dtype)
-    default = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with _parameters_on_meta():
-            constructed = dict(Gemma3nForCausalLM(model.config).named_buffers())
-    finally:
-        torch.set_default_dtype(default)
+    with local_torch_dtype(dtype), _parameters_on_meta():
+        constructed = dict(Gemma3nForCausalLM(model.config).named_buffers())
     for name, buffer in list(model.named_buffers()):
         if buffer.is_floating_point():
             owner, _, attribute = name.rpartition(".")
@@ -154,7 +154,7 @@ def resolve_directory(model: str) -> Path:
     try:
         return Path(snapshot_download(model, allow_patterns=HUB_FILES))
     except Exception as error:  # the hub client raises many types; all mean "cannot get it"
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        reason = one_line(error)
         raise UserError(
             f"--model {model}: no such local directory, and the Hugging Face hub download failed ({reason}). "
             "Gemma checkpoints are gated: accept the license on the model page, run `hf auth login`, "
@@ -169,15 +169,59 @@ def load(model: str, variant: Variant, dtype: torch.dtype | None = None) -> Load
     if model == TINY_MODEL:
         return LoadedModel(build_tiny(variant, dtype or torch.float32), TINY_MODEL, None)
     directory = resolve_directory(model)
-    text_config = Gemma3nTextConfig.from_dict(preflight.text_config(directory))
+    config = preflight.text_config(directory)
+    check_variant(model, config, variant)
+    try:
+        text_config = Gemma3nTextConfig.from_dict(config)
+    except (TypeError, ValueError, KeyError) as error:
+        raise UserError(f"--model {model}: config.json is not a valid Gemma 3n text config ({error})") from None
     if not any(directory.glob("*.safetensors")):
         raise UserError(f"--model {model}: no *.safetensors weights in {directory}")
     verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # the towers' weights are "unexpected" by design
+    hf_logging.set_verbosity_error()  # our own check below reports what matters, in one line
+    hf_logging.disable_progress_bar()
     try:
-        text_model = Gemma3nForCausalLM.from_pretrained(
-            directory, config=text_config, dtype=dtype or "auto", key_mapping=TEXT_KEY_MAPPING, attn_implementation=ATTENTION
+        text_model, report = Gemma3nForCausalLM.from_pretrained(
+            directory, config=text_config, dtype=dtype or "auto", key_mapping=TEXT_KEY_MAPPING,
+            attn_implementation=ATTENTION, output_loading_info=True,
+            ignore_mismatched_sizes=True,  # reported by name below instead of as a RuntimeError
         )
+    except (SafetensorError, OSError) as error:
+        raise UserError(f"--model {model}: cannot read the weights in {directory} ({one_line(error)}); "
+                        "the download is incomplete or corrupt: download the checkpoint again") from None
     finally:
         hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    check_loading_report(model, report)
     return LoadedModel(text_model.eval(), model, directory)
+
+
+def one_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def check_variant(model: str, config: dict, variant: Variant) -> None:
+    """A checkpoint of the other variant's shape would be exported under this variant's name."""
+    found = identify_variant(config)
+    if found is not None and found is not variant:
+        raise UserError(f"--model {model}: a Gemma 3n {found.name} checkpoint ({config['num_hidden_layers']} layers), "
+                        f"not {variant.name}; pass a {variant.name} checkpoint, or export it with {found.key}/export.py")
+
+
+def check_loading_report(model: str, report: dict) -> None:
+    """Refuse a checkpoint that lacks a tensor (transformers would initialise it at random and
+    the program would compute something else without a word), has one of the wrong shape, or
+    carries tensors the published checkpoints do not."""
+    if report["mismatched_keys"]:
+        name, stored, expected = sorted(report["mismatched_keys"])[0]
+        raise UserError(f"--model {model}: tensor {name} has shape {list(stored)} in the checkpoint but the config "
+                        f"needs {list(expected)}; the weights do not belong to this config.json")
+    if report["missing_keys"]:
+        missing = sorted(report["missing_keys"])
+        raise UserError(f"--model {model}: {len(missing)} tensor(s) missing from the checkpoint, e.g. {missing[0]}; "
+                        "the download is incomplete or the checkpoint is not a whole Gemma 3n: download it again")
+    unknown = sorted(key for key in report["unexpected_keys"] if not key.startswith(NON_TEXT_PREFIXES))
+    if unknown:
+        raise UserError(f"--model {model}: {len(unknown)} tensor(s) that are not part of Gemma 3n, e.g. {unknown[0]}; "
+                        "pass an unmodified Gemma 3n checkpoint")

@@ -7,22 +7,26 @@ before torch, transformers and executorch are imported, so bad input fails at on
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
 from pathlib import Path
 
 from . import preflight
 from .options import (BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT_LENGTH, DEFAULT_MAX_SEQ_LENGTH,
                       DEFAULT_SEQ_LEN, DTYPES, EMBEDDING_SCHEMES, FIXED, KV, KV_CACHE_DTYPES, LINEAR_SCHEMES,
-                      MODE_DEFAULTS, MODES, PER_CHANNEL, ExportOptions, resolve)
-from .progress import StageTimer, UserError, gib, human_bytes, log, peak_rss_bytes
+                      MODE_DEFAULTS, MODES, PER_CHANNEL, XNNPACK_GROUP_MULTIPLE, ExportOptions, resolve)
+from .progress import StageTimer, UserError, gib, human_bytes, log, peak_rss_bytes, run_cli
 from .variants import TINY_MODEL, Variant
 
 TOKENIZER_SUFFIX = ".tokenizer.json"
+CHAT_TEMPLATE_SUFFIX = ".chat_template.jinja"
 
 
 def tokenizer_path_for(pte: Path) -> Path:
     return pte.with_name(pte.stem + TOKENIZER_SUFFIX)
+
+
+def chat_template_path_for(pte: Path) -> Path:
+    return pte.with_name(pte.stem + CHAT_TEMPLATE_SUFFIX)
 
 
 def default_output(variant: Variant, options: ExportOptions) -> Path:
@@ -92,13 +96,20 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
                                              quantized_embeddings=options.embeddings != "none", verbose=verbose,
                                              initialized_buffers=module.initialized_buffers)
     with timer.stage("serialize"):
-        size = lowering.write_atomically(program, output)
-        tokenizer = write_tokenizer(loaded, output)
+        tokenizer, template = companion_files(loaded)
+        lowering.write_together({
+            output: program.write_to_file,
+            tokenizer_path_for(output): writer(tokenizer),
+            chat_template_path_for(output): writer(template),
+        })
+        size = output.stat().st_size
+    if tokenizer is None:
+        log(f"  warning: {loaded.directory} has no tokenizer.json; none written beside the program")
     return {
         "output": str(output), "bytes": size, "parameters": loaded.num_parameters,
         "kv_cache_bytes": kv_cache_bytes, "planned_bytes": lowering.planned_bytes(program),
         "delegation": {k: v for k, v in delegation.items() if k != "table"},
-        "tokenizer": str(tokenizer) if tokenizer else None, "peak_rss_bytes": peak_rss_bytes(),
+        "tokenizer": str(tokenizer_path_for(output)) if tokenizer is not None else None, "peak_rss_bytes": peak_rss_bytes(),
         "seconds": dict(timer.seconds), "total_seconds": timer.total,
     }
 
@@ -114,20 +125,24 @@ def check_context(options: ExportOptions, config) -> None:
                         f"{config.max_position_embeddings}; pass at most {config.max_position_embeddings}")
 
 
-def write_tokenizer(loaded, output: Path) -> Path | None:
-    """Put the checkpoint's tokenizer.json beside the program, where generate.py and the runner look."""
-    target = tokenizer_path_for(output)
+def companion_files(loaded) -> tuple[bytes | None, str | None]:
+    """The tokenizer.json and chat template to put beside the program, where generate.py and the
+    runner look; None for what the checkpoint does not ship."""
     if loaded.directory is None:
-        from .tiny_tokenizer import build_tiny_tokenizer
+        from .tiny_tokenizer import CHAT_TEMPLATE, build_tiny_tokenizer
 
-        build_tiny_tokenizer().save(str(target))
-        return target
+        return build_tiny_tokenizer().to_str().encode(), CHAT_TEMPLATE
+    from .chat import checkpoint_chat_template
+
     source = loaded.directory / "tokenizer.json"
-    if not source.is_file():
-        log(f"  warning: {source} not found; no tokenizer written beside the program")
+    return (source.read_bytes() if source.is_file() else None), checkpoint_chat_template(loaded.directory)
+
+
+def writer(content: bytes | str | None):
+    if content is None:
         return None
-    shutil.copyfile(source, target)
-    return target
+    data = content.encode() if isinstance(content, str) else content
+    return lambda file: file.write(data)
 
 
 def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions, Path, bool]:
@@ -147,7 +162,8 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
                         help="linear layers: int8 weight-only (portable), or int8 dynamic activations x int4 "
                              f"grouped weights (8da4w, XNNPACK); default: fixed {fixed['quantize']}, kv {kv['quantize']}")
     parser.add_argument("--group-size", type=int, default=DEFAULT_GROUP_SIZE,
-                        help=f"8da4w: weights per int4 scale along the input (default {DEFAULT_GROUP_SIZE}); "
+                        help=f"8da4w: weights per int4 scale along the input, a multiple of {XNNPACK_GROUP_MULTIPLE} "
+                             f"(default {DEFAULT_GROUP_SIZE}); "
                              f"{PER_CHANNEL}: one scale per output channel, faster and coarser")
     parser.add_argument("--quantize-embeddings", choices=EMBEDDING_SCHEMES,
                         help="token embedding, per-layer embedding table and tied lm_head: 8-bit or 4-bit "
@@ -189,18 +205,18 @@ def describe_quantization(options: ExportOptions) -> str:
 
 def main(variant: Variant, argv: list[str] | None = None) -> int:
     options, output, verbose = parse_args(variant, argv)
-    try:
-        preflight.check_output(output)
-        if options.model != TINY_MODEL:
-            preflight.local_checkpoint(options.model)
-        log(f"exporting Gemma 3n {variant.name} ({options.model}) -> {output}: mode {options.mode}, "
-            f"{options.dtype}, {describe_quantization(options)}, backend {options.backend}, "
-            + (f"max_seq_length {options.seq_len}, max_context_length {options.context_len}, "
-               f"{options.kv_cache} KV cache" if options.mode == KV else f"seq_len {options.seq_len}"))
-        summary = export_program(variant, options, output, verbose=verbose)
-    except UserError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return error.exit_code
+    return run_cli(lambda: export_and_report(variant, options, output, verbose))
+
+
+def export_and_report(variant: Variant, options: ExportOptions, output: Path, verbose: bool) -> int:
+    preflight.check_output(output)
+    if options.model != TINY_MODEL:
+        preflight.local_checkpoint(options.model)
+    log(f"exporting Gemma 3n {variant.name} ({options.model}) -> {output}: mode {options.mode}, "
+        f"{options.dtype}, {describe_quantization(options)}, backend {options.backend}, "
+        + (f"max_seq_length {options.seq_len}, max_context_length {options.context_len}, "
+           f"{options.kv_cache} KV cache" if options.mode == KV else f"seq_len {options.seq_len}"))
+    summary = export_program(variant, options, output, verbose=verbose)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary["seconds"].items())
     log(f"wrote {output} ({human_bytes(summary['bytes'])}) in {summary['total_seconds']:.1f} s [{stages}]; "
         f"peak memory {gib(summary['peak_rss_bytes'])}")

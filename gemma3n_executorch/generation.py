@@ -8,6 +8,7 @@ is driven by re-running its window over the last ``seq_len`` tokens for every ne
 
 from __future__ import annotations
 
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,13 +17,14 @@ from typing import Callable
 import torch
 from tokenizers import Tokenizer
 
+from .chat import ChatFormat
 from .options import KV
 from .progress import UserError
 from .runtime import Program
-from .variants import BOS_ID, PAD_ID, STOP_IDS
+from .variants import BOS_ID, PAD_ID, SPECIAL_TOKEN_IDS, STOP_IDS
 
-USER_TURN = "<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
-END_OF_TURN = "<end_of_turn>\n"
+GEMMA_RULES = ChatFormat(None)
+BYTE_TOKEN = re.compile(r"<0x[0-9A-F]{2}>")  # byte fallback's pieces, as in Gemma's vocabulary
 
 
 @dataclass(frozen=True)
@@ -109,6 +111,40 @@ class Reply:
         return [] if self.stop_reason in ("eos", "context_full") or not self.tokens else self.tokens[-1:]
 
 
+class TextStream:
+    """Streams the decode of a growing token list so that the streamed text always adds up to the
+    decode of the whole list. A character the vocabulary lacks is spelled in byte tokens, and
+    Gemma's decoder turns each run of byte tokens into text as a whole: until the run ends, its
+    bytes may be an incomplete character (U+FFFD, which would stay on screen once printed) or may
+    still become one with the next byte (even ASCII bytes turn into U+FFFD when a later byte of the
+    run makes it invalid UTF-8). So a trailing run of byte tokens is held back until a token that
+    is not a byte, or the end of the reply, settles it."""
+
+    def __init__(self, tokenizer: Tokenizer, on_text: Callable[[str], None] | None):
+        self.tokenizer, self.on_text = tokenizer, on_text
+        self.streamed = ""
+
+    def _is_byte(self, token: int) -> bool:
+        return BYTE_TOKEN.fullmatch(self.tokenizer.id_to_token(token) or "") is not None
+
+    def _emit(self, tokens: list[int]) -> None:
+        text = self.tokenizer.decode(tokens, skip_special_tokens=False)
+        if text.startswith(self.streamed) and len(text) > len(self.streamed):
+            self.on_text(text[len(self.streamed):])
+            self.streamed = text
+
+    def update(self, tokens: list[int]) -> None:
+        if self.on_text is not None:
+            settled = len(tokens)
+            while settled and self._is_byte(tokens[settled - 1]):
+                settled -= 1
+            self._emit(tokens[:settled])
+
+    def finish(self, tokens: list[int]) -> None:
+        if self.on_text is not None:
+            self._emit(tokens)
+
+
 def load_tokenizer(path: Path) -> Tokenizer:
     if not path.is_file():
         raise UserError(f"no tokenizer at {path}; pass --tokenizer PATH/tokenizer.json")
@@ -118,6 +154,17 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise UserError(f"{path}: not a tokenizer.json the tokenizers library can read ({error})") from None
 
 
+def check_tokenizer(tokenizer: Tokenizer, vocab_size: int) -> None:
+    """A tokenizer of another model gives ids the program reads as other tokens (garbage text) or
+    past its vocabulary; Gemma's has its special tokens at fixed ids."""
+    wrong = [name for name, expected in SPECIAL_TOKEN_IDS.items() if tokenizer.token_to_id(name) != expected]
+    if wrong or tokenizer.get_vocab_size(with_added_tokens=True) > vocab_size:
+        reason = (f"{wrong[0]} is id {tokenizer.token_to_id(wrong[0])}, Gemma's is {SPECIAL_TOKEN_IDS[wrong[0]]}" if wrong
+                  else f"{tokenizer.get_vocab_size(with_added_tokens=True)} tokens, the program's vocabulary {vocab_size}")
+        raise UserError(f"the tokenizer is not this program's Gemma tokenizer ({reason}); "
+                        "pass the tokenizer.json exported beside the program")
+
+
 class Generator:
     """Feeds prompts and samples replies; the decoder's cache position is the conversation so far."""
 
@@ -125,6 +172,7 @@ class Generator:
         self.program = program
         self.decoder = program if program.info.mode == KV else FixedWindowDecoder(program)
         self.capacity = program.info.context_len if program.info.mode == KV else None
+        check_tokenizer(tokenizer, program.info.vocab_size)
         self.tokenizer = tokenizer
         self.sample = Sampler(sampling)
 
@@ -153,7 +201,7 @@ class Generator:
         started = time.perf_counter()
         logits = self.decoder.step(prompt_ids)
         reply.timing.prefill_seconds = time.perf_counter() - started
-        streamed = ""
+        stream = TextStream(self.tokenizer, on_text)
         while True:
             if self.capacity is not None and self.position >= self.capacity:
                 # The program answers <eos> at its last position (tasks.KVCacheLM): nothing to sample.
@@ -166,26 +214,27 @@ class Generator:
                 reply.stop_reason = "eos"
                 break
             reply.tokens.append(token)
-            if on_text is not None:
-                text = self.tokenizer.decode(reply.tokens, skip_special_tokens=False)
-                on_text(text[len(streamed):])
-                streamed = text
+            stream.update(reply.tokens)
             if len(reply.tokens) >= max_new_tokens:
                 reply.stop_reason = "max_new_tokens"
                 break
             decode_started = time.perf_counter()
             logits = self.decoder.step([token])
             reply.timing.decode_seconds += time.perf_counter() - decode_started
+        stream.finish(reply.tokens)
         reply.timing.generated_tokens = len(reply.tokens) + (reply.stop_reason == "eos")
         return reply
 
 
 class ChatSession:
-    """Multi-turn Gemma chat over one KV cache: each turn prefills only its own new tokens."""
+    """Multi-turn Gemma chat over one KV cache: each turn prefills only its own new tokens.
 
-    def __init__(self, generator: Generator, use_template: bool = True):
+    ``chat_format`` None feeds the text raw (after one <bos>), with no turn markers."""
+
+    def __init__(self, generator: Generator, chat_format: ChatFormat | None = GEMMA_RULES, system: str | None = None):
         self.generator = generator
-        self.use_template = use_template
+        self.chat_format = chat_format
+        self.system = system
         self.transcript: list[int] = []  # every token the cache holds, in order
         self.unfed: list[int] = []  # the previous reply's last token, when it was cut short
 
@@ -195,12 +244,18 @@ class ChatSession:
 
     def turn(self, text: str, max_new_tokens: int, on_text: Callable[[str], None] | None = None) -> Reply:
         pending = list(self.unfed)
-        if not self.transcript:
-            pending.append(BOS_ID)
-        elif self.use_template:
-            # Close the previous model turn: its <end_of_turn> was sampled but never fed back.
-            pending += self.generator.encode(END_OF_TURN)
-        pending += self.generator.encode(USER_TURN.format(text=text) if self.use_template else text)
+        if self.chat_format is None:
+            pending += ([BOS_ID] if not self.transcript else []) + self.generator.encode(text)
+        elif not self.transcript:
+            pending += self.generator.encode(self.chat_format.first_turn(text, self.system))
+        else:
+            # Close the previous model turn (its <end_of_turn> was sampled but never fed back), then the new one.
+            close, new_turn = self.chat_format.next_turn(text)
+            pending += self.generator.encode(close) + self.generator.encode(new_turn)
+        capacity = self.generator.capacity
+        if self.transcript and capacity is not None and self.generator.position + len(pending) >= capacity:
+            raise UserError(f"the conversation is full: it holds {self.generator.position} of the program's {capacity} "
+                            f"positions and this turn needs {len(pending)} more; type /reset to start a new one")
         reply = self.generator.generate(pending, max_new_tokens, on_text)
         self.transcript += pending + reply.tokens[:len(reply.tokens) - len(reply.unfed)]
         self.unfed = reply.unfed

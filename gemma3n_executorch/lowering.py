@@ -11,10 +11,12 @@
 from __future__ import annotations
 
 import os
+import signal
 import tempfile
 import types
 from collections import Counter
 from pathlib import Path
+from typing import BinaryIO, Callable
 
 import torch
 from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
@@ -22,7 +24,7 @@ from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-from .progress import log
+from .progress import UserError, log
 
 
 def partitioners(backend: str) -> list:
@@ -171,18 +173,44 @@ def delegation_report(graph_module: torch.fx.GraphModule) -> dict:
 
 def write_atomically(program, output: Path) -> int:
     """Write next to ``output`` and rename: an interrupted export never leaves a truncated file."""
-    output.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{output.name}.", suffix=".partial", dir=output.parent)
-    try:
-        with os.fdopen(handle, "wb") as file:
-            program.write_to_file(file)
-            file.flush()
-            os.fsync(file.fileno())
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes it private; the result should not be
-        os.replace(temporary, output)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    write_together({output: program.write_to_file})
     return output.stat().st_size
+
+
+def write_together(files: dict[Path, Callable[[BinaryIO], None] | None]) -> None:
+    """Write every file, then rename them all into place at once; a ``None`` writer removes that
+    path (what an earlier export left and this one does not make). A failure, a full disk or a
+    signal before the renames leaves every path as it was and no temporary behind."""
+    temporaries: dict[Path, str] = {}
+    current = None
+    try:
+        for current, write in files.items():
+            if write is None:
+                continue
+            current.parent.mkdir(parents=True, exist_ok=True)
+            handle, temporaries[current] = tempfile.mkstemp(prefix=f".{current.name}.", suffix=".partial",
+                                                            dir=current.parent)
+            with os.fdopen(handle, "wb") as file:
+                write(file)
+                file.flush()
+                os.fsync(file.fileno())
+            umask = os.umask(0)
+            os.umask(umask)
+            os.chmod(temporaries[current], 0o666 & ~umask)  # mkstemp makes it private; the result should not be
+        # The renames cannot fail for want of space; signals wait until all are done, so the
+        # program never appears beside another export's tokenizer.
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+        try:
+            for path, write in files.items():
+                if write is None:
+                    path.unlink(missing_ok=True)
+                else:
+                    os.replace(temporaries[path], path)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    except OSError as error:
+        raise UserError(f"cannot write {current}: {error.strerror or error}; free some space or choose another "
+                        "--output (nothing was written)") from None
+    finally:
+        for temporary in temporaries.values():
+            Path(temporary).unlink(missing_ok=True)

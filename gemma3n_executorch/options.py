@@ -19,6 +19,9 @@ BACKENDS = ("portable", "xnnpack")
 KV_CACHE_DTYPES = ("fp32", "int8")
 DEFAULT_GROUP_SIZE = 128  # measured: faster on XNNPACK than 32 (docs/benchmarks.md), and smaller
 PER_CHANNEL = 0  # --group-size 0: one int4 scale per output channel (XNNPACK's fastest 4-bit kernels)
+# XNNPACK's grouped 4-bit kernels take groups of a multiple of 32 weights (a group of 16 lowers,
+# then fails inside XNNPACK); so does its dynamically quantized per-channel matmul for the inputs.
+XNNPACK_GROUP_MULTIPLE = 32
 
 # --mode fixed keeps the original project's contract; --mode kv defaults are the phone recipe,
 # chosen by measurement (docs/benchmarks.md).
@@ -73,9 +76,9 @@ def resolve(mode: str, dtype: str | None, quantize: str | None, embeddings: str 
     if quantize == "int8" and backend == "xnnpack":
         raise ValueError("--quantize int8 (weight-only) has no XNNPACK kernel: use --quantize 8da4w with "
                          "--backend xnnpack, or int8 with --backend portable")
-    if group_size != PER_CHANNEL and (group_size < 2 or group_size % 2):
-        raise ValueError(f"--group-size must be an even number of at least 2 ({DEFAULT_GROUP_SIZE} is the default), "
-                         f"or {PER_CHANNEL} for one scale per output channel")
+    if group_size != PER_CHANNEL and (group_size < XNNPACK_GROUP_MULTIPLE or group_size % XNNPACK_GROUP_MULTIPLE):
+        raise ValueError(f"--group-size must be a multiple of {XNNPACK_GROUP_MULTIPLE} (XNNPACK's 4-bit kernels need it; "
+                         f"{DEFAULT_GROUP_SIZE} is the default), or {PER_CHANNEL} for one scale per output channel")
     if mode == FIXED:
         context_len, kv_cache = seq_len, "none"
     else:

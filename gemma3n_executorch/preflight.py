@@ -14,6 +14,7 @@ MULTIMODAL_MODEL_TYPE = "gemma3n"
 TEXT_MODEL_TYPE = "gemma3n_text"
 ET_MAGIC = b"ET"  # flatbuffer file identifier "ETxx" at bytes 4..8
 EXTENDED_HEADER_MAGIC = b"eh00"
+EXTENDED_HEADER_END = 40  # magic, length, program size, segment base offset, segment data size
 
 
 def looks_like_hub_id(model: str) -> bool:
@@ -39,13 +40,17 @@ def text_config(directory: Path) -> dict:
     """The text decoder's config from either layout's config.json."""
     path = directory / "config.json"
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(path.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise UserError(f"{path}: not UTF-8 text (byte {error.start}); is it a config.json?") from None
     except json.JSONDecodeError as error:
         raise UserError(f"{path}: not valid JSON ({error})") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{path}: a JSON {type(config).__name__}, not an object; is it a Hugging Face config.json?")
     model_type = config.get("model_type")
     if model_type == MULTIMODAL_MODEL_TYPE:
-        if "text_config" not in config:
-            raise UserError(f"{path}: model_type gemma3n without a text_config; is the config.json complete?")
+        if not isinstance(config.get("text_config"), dict):
+            raise UserError(f"{path}: model_type gemma3n without a text_config object; is the config.json complete?")
         config = config["text_config"]
     elif model_type != TEXT_MODEL_TYPE:
         raise UserError(
@@ -80,6 +85,8 @@ def check_program_file(path: Path) -> None:
     if len(head) < 8 or head[4:6] != ET_MAGIC:
         raise UserError(f"{path}: not an ExecuTorch program (bad header); re-export it")
     if head[8:12] == EXTENDED_HEADER_MAGIC:
+        if len(head) < EXTENDED_HEADER_END:
+            raise UserError(f"{path}: truncated ({len(head)} bytes, shorter than its header); re-export it")
         program_size, segment_base, segment_size = struct.unpack_from("<QQQ", head, 16)
         expected = max(program_size, segment_base + segment_size)
         if path.stat().st_size < expected:

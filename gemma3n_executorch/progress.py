@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import resource
+import signal
 import sys
 import time
 from contextlib import contextmanager
+from typing import Callable
 
 
 class UserError(Exception):
@@ -14,6 +16,35 @@ class UserError(Exception):
     def __init__(self, message: str, exit_code: int = 2):
         super().__init__(message)
         self.exit_code = exit_code
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised like KeyboardInterrupt so that cleanup (no half-written file) runs."""
+
+
+INTERRUPTED_EXIT = 130  # 128 + SIGINT, what a shell reports for Ctrl-C
+TERMINATED_EXIT = 143  # 128 + SIGTERM
+
+
+def _terminate(signum, frame):
+    raise Terminated
+
+
+def run_cli(body: Callable[[], int]) -> int:
+    """A command's body with its one-line endings: a UserError prints ``error: ...`` and exits with
+    its code; Ctrl-C exits 130 and SIGTERM 143, each with one line instead of a traceback."""
+    signal.signal(signal.SIGTERM, _terminate)
+    try:
+        return body()
+    except UserError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return error.exit_code
+    except KeyboardInterrupt:
+        print("\nerror: interrupted (Ctrl-C); no partial file was left", file=sys.stderr)
+        return INTERRUPTED_EXIT
+    except Terminated:
+        print("\nerror: terminated (SIGTERM); no partial file was left", file=sys.stderr)
+        return TERMINATED_EXIT
 
 
 def peak_rss_bytes() -> int:

@@ -26,7 +26,7 @@ import warnings
 import torch
 from torch import nn
 
-from .options import PER_CHANNEL
+from .options import PER_CHANNEL, XNNPACK_GROUP_MULTIPLE
 from .progress import log
 
 EMBEDDING_GROUP_SIZE = PER_CHANNEL  # one scale per row: the per-layer table's rows are 7680 wide (E2B)
@@ -73,7 +73,10 @@ def quantizable(linear: nn.Linear, scheme: str, group_size: int) -> bool:
     if scheme == "int8":
         return True
     if group_size == PER_CHANNEL:
-        return linear.in_features >= MIN_PER_CHANNEL_INPUTS
+        # XNNPACK runs a 4-bit row as one group of the whole input, which must be a multiple of 32:
+        # a custom Gemma 3n 48 wide keeps its lm_head in floating point rather than failing to lower.
+        return linear.in_features >= MIN_PER_CHANNEL_INPUTS and (
+            scheme != "8da4w" or linear.in_features % XNNPACK_GROUP_MULTIPLE == 0)
     return linear.in_features % group_size == 0
 
 

@@ -13,6 +13,7 @@ from .options import KV
 from .metadata import PREFIX, ProgramInfo
 from .progress import UserError
 
+
 class Program:
     """An exported Gemma 3n program loaded through ``executorch.runtime``."""
 
@@ -23,6 +24,9 @@ class Program:
         preflight.check_program_file(self.path)
         try:
             self._program = Runtime.get().load_program(self.path, verification=Verification.InternalConsistency)
+        except MemoryError:
+            raise UserError(f"{self.path}: not enough memory to load it ({self.path.stat().st_size / 1e9:.2f} GB); "
+                            "close other programs or export a smaller one (--quantize 8da4w)") from None
         except RuntimeError as error:
             raise UserError(f"{self.path}: the ExecuTorch runtime cannot load it ({error}); re-export it") from None
         self.method_names = sorted(self._program.method_names)
@@ -41,7 +45,16 @@ class Program:
         if self.info.mode != mode:
             raise UserError(f"{self.path}: a --mode {self.info.mode} program; this needs a --mode {mode} program")
 
+    def check_token_ids(self, ids: torch.Tensor) -> None:
+        """The program gathers embedding rows by id without a bounds check: an id past its vocabulary
+        reads other memory (finite, wrong logits) or crashes the process."""
+        if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= self.info.vocab_size):
+            bad = int(ids.min()) if int(ids.min()) < 0 else int(ids.max())
+            raise UserError(f"token id {bad} is outside the program's vocabulary (0..{self.info.vocab_size - 1}); "
+                            "use the tokenizer exported with this program")
+
     def forward_fixed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        self.check_token_ids(input_ids)
         return self._forward.execute([input_ids])[0]
 
     def reset(self) -> None:
@@ -52,6 +65,7 @@ class Program:
         """Append ``tokens`` at the current position, in calls of at most the program's
         max_seq_length tokens; logits of the last one, [vocab]."""
         self.require_mode(KV)
+        self.check_token_ids(torch.tensor(tokens, dtype=torch.long))
         if self.position + len(tokens) > self.info.context_len:
             raise UserError(
                 f"{self.position + len(tokens)} tokens do not fit the program's context of {self.info.context_len} "

@@ -1,39 +1,22 @@
-"""A tiny, deterministic, locally trained tokenizer for the random-weight demo model.
+"""A tiny, deterministic, locally trained tokenizer for the random-weight demo model: a small copy
+of the structure of Gemma's real tokenizer.json, so the tests exercise what the real one does.
 
-SentencePiece-style BPE laid out like Gemma's real tokenizer.json: the normalizer
-turns " " into "\u2581" (``▁``), there is no pre-tokenizer, and the decoder turns
-``▁`` back into " ".  The base alphabet is printable ASCII + ``▁`` + "\n" + "\t"
-(no byte tokens, no byte fallback), so EVERY id decodes on its own to valid UTF-8.
-That matters because ExecuTorch's TextLLMRunner decodes one id at a time and hands
-each piece to a Python token_callback as `str`; a lone UTF-8 continuation byte
-(as byte-level BPE produces) raises UnicodeDecodeError and aborts generation.
-Characters outside the alphabet (non-ASCII, control chars) encode to <unk> (id 3).
-No decoder step strips or adds spaces, so the concatenation of per-id pieces equals
-the decode of the whole sequence (keep special tokens: the C++ runner prints them).
+As in Gemma's (262,144 pieces): a BPE model with byte fallback (a character the vocabulary lacks
+is spelled as its UTF-8 bytes, ``<0x00>``..``<0xFF>``, so one character can take several tokens
+and one token can be part of a character), a normalizer that turns " " into "\u2581" (``▁``), a
+``Split`` pre-tokenizer on " " (after the normalizer there is none left to split on), the decoder
+``Replace(▁ -> " ")``, ``ByteFallback``, ``Fuse``, and a post-processor that adds one ``<bos>``
+when encoding with special tokens. Special tokens sit at Gemma's ids and are never merged with
+text: the merges are learned from plain text only.
 
-Total vocab is exactly 512, special tokens at Gemma's real ids:
+Total vocab is exactly 512 (the tiny model's):
 
     0 <pad>  1 <eos>  2 <bos>  3 <unk>  4 <mask>  5 [multimodal]
     6..104 <unused0>..<unused98>  105 <start_of_turn>  106 <end_of_turn>
-    107..203 the 97 alphabet characters, 204..511 learned merges.
+    107..362 the byte tokens <0x00>..<0xFF>, then the alphabet and the learned merges.
 
-BOS handling (mirrors Gemma's own tokenizer.json): a TemplateProcessing
-post-processor adds a single `<bos>` (id 2) when encoding *with special tokens*:
-  * Python: `tok.encode(text)` (add_special_tokens=True default) -> [2, ...];
-    `tok.encode(text, add_special_tokens=False)` -> no BOS.
-  * ExecuTorch TextLLMRunner / pytorch_tokenizers HFTokenizer: BOS is added only
-    when GenerationConfig(num_bos=1) (C++ encode(bos>0) runs the post-processor);
-    with num_bos=0 nothing is added.  So pass a prompt WITHOUT a literal "<bos>"
-    and num_bos=1 (or a prompt starting with "<bos>" and num_bos=0; never both).
-Special tokens in the text ("<start_of_turn>", ...) always map to single ids.
-
-write_tiny_tokenizer(dir) writes tokenizer.json, tokenizer_config.json (with a
-Gemma chat template, eos "<eos>") and special_tokens_map.json.  Both
-`transformers.AutoTokenizer.from_pretrained(dir)` and
-`PreTrainedTokenizerFast(tokenizer_file=dir/"tokenizer.json")` load it (the latter
-needs bos/eos/pad passed explicitly).  For TextLLMRunner pass the directory (then
-bos=2, eos=1 come from tokenizer_config.json) or the tokenizer.json file (then eos
-is guessed; harmless if the .pte exports get_eos_ids, which overrides it).
+``write_tiny_tokenizer(dir)`` writes tokenizer.json, tokenizer_config.json (with Gemma's chat
+template) and special_tokens_map.json, which ``transformers.AutoTokenizer`` loads.
 
 Usage: python -m gemma3n_executorch.tiny_tokenizer OUT_DIR
 """
@@ -44,21 +27,24 @@ import json
 import os
 import sys
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers
-from tokenizers import processors, trainers
+from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+from .chat import GEMMA_CHAT_TEMPLATE
+from .variants import BOS_ID, SPECIAL_TOKEN_IDS
 
 VOCAB_SIZE = 512
-PAD_ID, EOS_ID, BOS_ID, UNK_ID, START_OF_TURN_ID, END_OF_TURN_ID = 0, 1, 2, 3, 105, 106
 SPACE = "\u2581"  # "▁", SentencePiece's visible space
-# Sorted so the trainer assigns the same ids in every process.
-ALPHABET = sorted([chr(c) for c in range(0x21, 0x7F)] + [SPACE, "\n", "\t"])
-
 SPECIAL_TOKENS = (
     ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>", "[multimodal]"]
     + [f"<unused{i}>" for i in range(99)]
     + ["<start_of_turn>", "<end_of_turn>"]
 )
-assert len(SPECIAL_TOKENS) == 107 and SPECIAL_TOKENS[105] == "<start_of_turn>"
+assert all(SPECIAL_TOKENS[i] == name for name, i in SPECIAL_TOKEN_IDS.items())
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+# Sorted so the trainer assigns the same ids in every process. Anything else (accents, CJK,
+# emoji, most punctuation) falls back to bytes, as rare characters do in the real vocabulary.
+ALPHABET = sorted(set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,!?'-:" + SPACE + "\n"))
+CHAT_TEMPLATE = GEMMA_CHAT_TEMPLATE
 
 _CORPUS = """\
 The morning was quiet in the small town by the river. People walked to the market,
@@ -86,72 +72,45 @@ user: Who are you? model: I am a helpful assistant. user: What time is it?
 
 
 def _corpus_lines() -> list[str]:
-    lines = [ln for ln in _CORPUS.splitlines() if ln.strip()]
-    # Repeat so that frequent pairs clearly outrank rare ones; add chat turns.
-    chat = [
-        "<start_of_turn>user\n" + ln + "<end_of_turn>\n<start_of_turn>model\n"
-        for ln in lines[-6:]
-    ]
-    return lines * 3 + chat
+    # Repeated so that frequent pairs clearly outrank rare ones. Plain text only: special tokens in
+    # the training text let merges span them (they once joined "<end_of_turn>\n<start_of_turn>").
+    return [line for line in _CORPUS.splitlines() if line.strip()] * 3
 
 
 def build_tiny_tokenizer() -> Tokenizer:
-    """Train the deterministic 512-token SentencePiece-style BPE tokenizer (no download)."""
-    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=False, byte_fallback=False))
+    """Train the deterministic 512-token tokenizer (no download)."""
+    tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", SPACE)
-    # Training only: split into "▁word" pieces so merges stay within words and never
-    # end in "▁" (so merges can never join across a word boundary).  The saved
-    # tokenizer has no pre-tokenizer (like Gemma): pytorch_tokenizers' C++ HFTokenizer
-    # has no Metaspace, and without pre-tokenizer both sides agree exactly.
+    # Training only: "▁word" pieces, so merges stay within words. Saved: Gemma's Split on " ".
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never")
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE,
-        min_frequency=2,
-        special_tokens=SPECIAL_TOKENS,
-        initial_alphabet=ALPHABET,
-        limit_alphabet=len(ALPHABET),
-        show_progress=False,
+        vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=SPECIAL_TOKENS + BYTE_TOKENS,
+        initial_alphabet=ALPHABET, limit_alphabet=len(ALPHABET), show_progress=False,
     )
     tok.train_from_iterator(_corpus_lines(), trainer=trainer)
-    tok.pre_tokenizer = None
-    # Plain per-token replace, no Strip: decoding id by id and concatenating equals
-    # decoding the whole sequence.
-    tok.decoder = decoders.Replace(SPACE, " ")
+    # The trainer made the byte tokens added "special" tokens only to give them their ids; in
+    # Gemma's they are plain vocabulary entries (so decoding with skip_special_tokens keeps them).
+    trained = json.loads(tok.to_str())["model"]
+    merges = [tuple(merge) if isinstance(merge, list) else tuple(merge.split(" ")) for merge in trained["merges"]]
+    tok = Tokenizer(models.BPE(trained["vocab"], merges, unk_token="<unk>", fuse_unk=True, byte_fallback=True))
+    tok.add_special_tokens(SPECIAL_TOKENS)
+    tok.normalizer = normalizers.Replace(" ", SPACE)
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous")
+    tok.decoder = decoders.Sequence([decoders.Replace(SPACE, " "), decoders.ByteFallback(), decoders.Fuse()])
     tok.post_processor = processors.TemplateProcessing(
-        single="<bos> $A",
-        pair="<bos> $A $B",
-        special_tokens=[("<bos>", BOS_ID)],
+        single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS_ID)],
     )
     if tok.get_vocab_size() != VOCAB_SIZE:
         raise RuntimeError(f"tiny tokenizer has {tok.get_vocab_size()} tokens, not {VOCAB_SIZE}")
-    for i, t in enumerate(SPECIAL_TOKENS + ALPHABET):
-        assert tok.token_to_id(t) == i, (t, tok.token_to_id(t), i)
+    for i, token in enumerate(SPECIAL_TOKENS + BYTE_TOKENS):
+        assert tok.token_to_id(token) == i, (token, tok.token_to_id(token), i)
     return tok
 
 
-# Gemma-style chat template (system prompt is folded into the first user turn).
-CHAT_TEMPLATE = (
-    "{{ bos_token }}"
-    "{%- if messages and messages[0]['role'] == 'system' -%}"
-    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
-    "{%- set loop_messages = messages[1:] -%}"
-    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}{%- endif -%}"
-    "{%- for message in loop_messages -%}"
-    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
-    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
-    "{%- if message['content'] is string -%}{{ message['content'] | trim }}"
-    "{%- else -%}{%- for item in message['content'] -%}"
-    "{%- if item['type'] == 'text' -%}{{ item['text'] | trim }}{%- endif -%}"
-    "{%- endfor -%}{%- endif -%}"
-    "{{ '<end_of_turn>\n' }}"
-    "{%- endfor -%}"
-    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
-)
-
-
 def write_tiny_tokenizer(path: str) -> str:
-    """Write tokenizer.json + tokenizer_config.json + special_tokens_map.json into
-    directory `path` (created if needed).  Returns the tokenizer.json path."""
+    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into directory
+    ``path`` (created if needed), laid out as a Hugging Face checkpoint ships them; returns the
+    tokenizer.json path."""
     os.makedirs(path, exist_ok=True)
     tok = build_tiny_tokenizer()
     tok_json = os.path.join(path, "tokenizer.json")

@@ -28,6 +28,13 @@ class Checks:
         self.failed += not ok
 
 
+def kv_probe_lengths(context_len: int, num_tokens: int) -> tuple[int, int]:
+    """A kv probe's prompt length and the steps that fit after it (a program with a context
+    shorter than KV_PROMPT_TOKENS gets a shorter prompt)."""
+    prompt = min(KV_PROMPT_TOKENS, context_len - 1)
+    return prompt, min(num_tokens, context_len - prompt)
+
+
 def run_program(program: Program, num_tokens: int) -> tuple[list[int], torch.Tensor]:
     """Fixed: the probe windows, one forward each. KV: prefill a probe prompt, then greedy steps.
     Returns the tokens fed (fixed: a list of windows) and the logits, one row per position."""
@@ -36,8 +43,8 @@ def run_program(program: Program, num_tokens: int) -> tuple[list[int], torch.Ten
         windows = [parity.probe_tokens(info.seq_len, info.vocab_size, BOS_ID, seed) for seed in range(parity.PROBE_WINDOWS)]
         logits = [program.forward_fixed(torch.tensor([window], dtype=torch.long))[0] for window in windows]
         return windows, torch.cat(logits)
-    tokens = parity.probe_tokens(min(KV_PROMPT_TOKENS, info.context_len - 1), info.vocab_size, BOS_ID)
-    steps = min(num_tokens, info.context_len - len(tokens))
+    prompt, steps = kv_probe_lengths(info.context_len, num_tokens)
+    tokens = parity.probe_tokens(prompt, info.vocab_size, BOS_ID)
     rows = [program.step(tokens)]
     for _ in range(steps - 1):
         tokens.append(int(rows[-1].argmax()))
@@ -71,7 +78,7 @@ def validate(path: Path, model: str | None, num_tokens: int) -> int:
     print(f"methods: {', '.join(program.method_names)}")
     checks = Checks()
     tokens, logits = run_program(program, num_tokens)
-    rows = info.seq_len * parity.PROBE_WINDOWS if info.mode == FIXED else min(num_tokens, info.context_len - KV_PROMPT_TOKENS)
+    rows = info.seq_len * parity.PROBE_WINDOWS if info.mode == FIXED else kv_probe_lengths(info.context_len, num_tokens)[1]
     checks.check(tuple(logits.shape) == (rows, info.vocab_size),
                  f"logits shape {tuple(logits.shape)} (expected {(rows, info.vocab_size)})")
     checks.check(logits.dtype == TORCH_DTYPES[info.dtype], f"logits dtype {logits.dtype} (expected {TORCH_DTYPES[info.dtype]})")
@@ -87,15 +94,17 @@ def validate(path: Path, model: str | None, num_tokens: int) -> int:
         expected = expected[prompt_length - 1:] if info.mode == KV else expected
         agreement = parity.compare(logits, expected)
         tolerance = parity.tolerance_for(info.dtype, info.quantize, info.embeddings, info.kv_cache)
-        checks.check(agreement.within(tolerance), f"against eager PyTorch ({model}): {agreement} "
-                     f"(tolerance: top-1 >= {tolerance.min_top1}"
-                     + (f", max |diff| <= {tolerance.max_abs})" if tolerance.max_abs else ")"))
+        checks.check(agreement.within(tolerance), f"against eager PyTorch ({model}): {agreement} (tolerance: {tolerance})")
         if info.mode == KV:
             eager_tokens = parity.eager_greedy(reference, tokens[:prompt_length], len(logits))
             program_tokens = tokens[prompt_length:] + [int(logits[-1].argmax())]
             where = first_difference(program_tokens, eager_tokens)
-            print(f"greedy decoding of {len(eager_tokens)} tokens: "
-                  + ("identical to eager generate()" if where is None else f"first differs from eager generate() at "
-                     f"new token {where} (program {program_tokens[where]}, eager {eager_tokens[where]})"))
+            result = f"greedy decoding of {len(eager_tokens)} tokens: " + (
+                "identical to eager generate()" if where is None else f"first differs from eager generate() at "
+                f"new token {where} (program {program_tokens[where]}, eager {eager_tokens[where]})")
+            if tolerance.greedy_identical:
+                checks.check(where is None, result)
+            else:
+                print(f"{result} (not enforced in {info.dtype} with quantize {info.quantize}: near-ties may flip)")
     print(f"{'all checks passed' if not checks.failed else f'{checks.failed} check(s) failed'}")
     return 0 if not checks.failed else 1

@@ -12,14 +12,17 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-SHARED_ARCHITECTURES = REPO_ROOT.parent / "shared" / "gemma3n"
+# The text_config of each published checkpoint, shipped with the package so that random-weight
+# models of the real size (bench.py) need nothing outside the clone.
+ARCHITECTURES = Path(__file__).resolve().parent / "architectures"
 
 TINY_MODEL = "tiny"  # the --model value that selects the built-in random-weight demo model
 
 # Token ids of the real Gemma 3n tokenizer; the tiny tokenizer keeps them.
 PAD_ID, EOS_ID, BOS_ID, START_OF_TURN_ID, END_OF_TURN_ID = 0, 1, 2, 105, 106
 STOP_IDS = (EOS_ID, END_OF_TURN_ID)  # an -it model ends its turn with either
+SPECIAL_TOKEN_IDS = {"<pad>": PAD_ID, "<eos>": EOS_ID, "<bos>": BOS_ID,
+                     "<start_of_turn>": START_OF_TURN_ID, "<end_of_turn>": END_OF_TURN_ID}
 
 
 def _tiny_layer_types(num_layers: int, full_every: int) -> list[str]:
@@ -30,7 +33,7 @@ def _tiny_layer_types(num_layers: int, full_every: int) -> list[str]:
 class Variant:
     name: str  # "E2B"
     hub_id: str
-    architecture_file: str  # text_config of the published checkpoint, in ../shared/gemma3n/
+    architecture_file: str  # text_config of the published checkpoint, in ARCHITECTURES
     tiny_config: dict = field(repr=False)
 
     @property
@@ -43,10 +46,7 @@ class Variant:
 
     def real_text_config(self, layers: int | None = None) -> dict:
         """The published text config; with ``layers``, cut to that depth (see ``cut_to_layers``)."""
-        path = SHARED_ARCHITECTURES / self.architecture_file
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: the real architectures live in ../shared/gemma3n/ beside the repo")
-        config = json.loads(path.read_text())
+        config = json.loads((ARCHITECTURES / self.architecture_file).read_text())
         return config if layers is None else cut_to_layers(config, layers)
 
 
@@ -120,3 +120,17 @@ VARIANTS: dict[str, Variant] = {
         Variant("E4B", "google/gemma-3n-E4B-it", "e4b-text-config.json", tiny_config(7, 3, 256)),
     )
 }
+
+
+def _shape(config: dict) -> tuple:
+    """What tells the variants apart: depth, KV-sharing depth, widest MLP."""
+    intermediate = config.get("intermediate_size")
+    widest = max(intermediate) if isinstance(intermediate, list) and intermediate else intermediate
+    return config.get("num_hidden_layers"), config.get("num_kv_shared_layers"), widest
+
+
+def identify_variant(config: dict) -> Variant | None:
+    """The variant whose published or tiny architecture ``config`` has; None for any other shape
+    (a custom Gemma 3n exports under the variant it was asked for)."""
+    shape = _shape(config)
+    return next((v for v in VARIANTS.values() if shape in (_shape(v.real_text_config()), _shape(v.tiny_config))), None)

@@ -8,6 +8,10 @@
    ``icdf`` is ``erfinv``, which is not in the core ATen opset, so ``to_edge`` rejects the
    program. The multiplier depends only on the layer's configured sparsity, so it is computed
    once at construction and kept as a Python float. Still needed with transformers 5.23.
+3. ``Gemma3nTextModel.forward`` computes the RoPE tables in ``for layer_type in set(layer_types)``
+   order, which follows the process's string-hash seed: the exported graph, and so the program's
+   bytes, changed from run to run (same logits). The module's ``set`` becomes one that iterates in
+   first-seen order, so the same checkpoint and options always give the same bytes.
 
 The fixes patch the imported classes (never the installed files), are idempotent, and
 ``revert()`` restores the originals. ``modeling_gemma3n.diff`` carries the same fixes for
@@ -38,6 +42,15 @@ def altup_clamp_needs_fix() -> bool:
 
 def gaussian_topk_needs_fix() -> bool:
     return "icdf" in inspect.getsource(_modeling.Gemma3nTextMLP._gaussian_topk)
+
+
+def layer_type_order_needs_fix() -> bool:
+    return "set(self.config.layer_types)" in inspect.getsource(inspect.unwrap(_modeling.Gemma3nTextModel.forward))
+
+
+def _first_seen_set(items=()):
+    # Set-like (membership, |, &, -) like the builtin, but iterating in first-seen order.
+    return dict.fromkeys(items).keys()
 
 
 def _std_multiplier(sparsity: float) -> float:
@@ -94,16 +107,25 @@ def apply(model: nn.Module | None = None) -> list[str]:
     if gaussian_topk_needs_fix():
         _replace(_modeling.Gemma3nTextMLP, "__init__", _mlp_init)
         _replace(_modeling.Gemma3nTextMLP, "_gaussian_topk", _gaussian_topk)
+    if layer_type_order_needs_fix() and _modeling.__dict__.get("set") is not _first_seen_set:
+        # A module global shadows the builtin for modeling_gemma3n alone (its only other use,
+        # sorted(set(...)), means the same either way); revert() deletes it.
+        _ORIGINALS.setdefault((_modeling, "set"), None)
+        _modeling.set = _first_seen_set
     if model is not None and (_modeling.Gemma3nTextMLP, "_gaussian_topk") in _ORIGINALS:
         for module in model.modules():
             if isinstance(module, _modeling.Gemma3nTextMLP):
                 _add_std_multiplier(module)
-    names = {"predict": "altup-clamp-training-guard", "_gaussian_topk": "gaussian-topk-icdf-at-init"}
+    names = {"predict": "altup-clamp-training-guard", "_gaussian_topk": "gaussian-topk-icdf-at-init",
+             "set": "layer-types-in-first-seen-order"}
     return [names[name] for (_, name) in _ORIGINALS if name in names]
 
 
 def revert() -> None:
     """Restore the original methods (tests use this to show what the fixes are for)."""
-    for (cls, name), original in _ORIGINALS.items():
-        setattr(cls, name, original)
+    for (owner, name), original in _ORIGINALS.items():
+        if owner is _modeling:
+            delattr(owner, name)
+        else:
+            setattr(owner, name, original)
     _ORIGINALS.clear()

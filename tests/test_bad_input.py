@@ -2,13 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
 
-from gemma3n_executorch import lowering
-from tests.conftest import run
+from gemma3n_executorch import lowering, progress
+from gemma3n_executorch.progress import UserError
+from tests.conftest import REPO, run
 
 
 def assert_clean_error(result, code: int, fragment: str) -> None:
@@ -130,3 +136,96 @@ def test_bench_llama_cpp_baseline_needs_a_built_tree_and_the_full_model(tmp_path
     result = run("bench.py", "--variant", "e2b", "--configs", "llamacpp-q4_0", "--json", str(tmp_path / "b.json"), *extra)
     assert_clean_error(result, 2, fragment)
     assert not (tmp_path / "b.json").exists()
+
+
+def test_validate_program_shorter_than_its_header(programs, tmp_path):
+    stub = tmp_path / "stub.pte"
+    stub.write_bytes(programs.get("e2b").read_bytes()[:30])
+    assert_clean_error(run("validate.py", str(stub)), 2, "shorter than its header")
+
+
+def test_group_size_xnnpack_cannot_run_is_refused_before_loading(tmp_path):
+    """XNNPACK's 4-bit kernels need groups of a multiple of 32; 16 used to fail deep in lowering."""
+    result = run("e2b/export.py", "--model", str(tmp_path / "not-loaded"), "--mode", "kv", "--group-size", "16")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "e2b/export.py: error: --group-size must be a multiple of 32" in result.stderr
+    assert "multiple of 32" in run("e2b/export.py", "--help").stdout
+
+
+def _write(data: bytes):
+    return lambda file: file.write(data)
+
+
+def _disk_full(file) -> None:
+    file.write(b"half a tokenizer")
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+def test_program_and_tokenizer_are_written_together_or_not_at_all(tmp_path):
+    """Disk full while writing the tokenizer used to leave a complete new .pte beside a truncated
+    tokenizer.json (written in place after the program)."""
+    program, tokenizer = tmp_path / "m.pte", tmp_path / "m.tokenizer.json"
+    program.write_bytes(b"old program")
+    tokenizer.write_bytes(b"old tokenizer")
+    with pytest.raises(UserError, match="cannot write .*m.tokenizer.json: No space left on device"):
+        lowering.write_together({program: _write(b"new program"), tokenizer: _disk_full})
+    assert program.read_bytes() == b"old program" and tokenizer.read_bytes() == b"old tokenizer"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.pte", "m.tokenizer.json"]  # no .partial
+
+
+def test_stale_tokenizer_goes_when_the_checkpoint_has_none(tmp_path):
+    from gemma3n_executorch.checkpoint import LoadedModel
+    from gemma3n_executorch.exporter import companion_files, tokenizer_path_for, writer
+
+    program = tmp_path / "m.pte"
+    tokenizer_path_for(program).write_text("from an earlier export")
+    checkpoint_directory = tmp_path / "checkpoint"
+    checkpoint_directory.mkdir()
+    tokenizer, template = companion_files(LoadedModel(None, str(checkpoint_directory), checkpoint_directory))
+    assert tokenizer is None and template is None
+    lowering.write_together({program: _write(b"program"), tokenizer_path_for(program): writer(tokenizer)})
+    assert [p.name for p in tmp_path.iterdir() if p.is_file()] == ["m.pte"]
+
+
+def test_sigterm_during_the_write_leaves_nothing(tmp_path):
+    def terminated_midway(file) -> None:
+        file.write(b"partial")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, progress._terminate)
+    try:
+        with pytest.raises(progress.Terminated):
+            lowering.write_together({tmp_path / "m.pte": terminated_midway})
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_sigint_during_lowering_exits_130_with_one_line_and_no_file(tmp_path):
+    output = tmp_path / "m.pte"
+    process = subprocess.Popen([sys.executable, str(REPO / "e2b" / "export.py"), "--model", "tiny", "--seq-len", "8",
+                                "--output", str(output)], stderr=subprocess.PIPE, text=True)
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if line.startswith("[lower] ..."):
+            time.sleep(1)
+            process.send_signal(signal.SIGINT)
+            break
+    lines += process.stderr.readlines()
+    assert process.wait() == 130
+    stderr = "".join(lines)
+    assert "Traceback" not in stderr and [l for l in lines if l.startswith("error:")] == [
+        "error: interrupted (Ctrl-C); no partial file was left\n"]
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_validate_tokens_zero_is_a_usage_error(programs):
+    result = run("validate.py", str(programs.get("e2b")), "--tokens", "0")
+    assert result.returncode == 2 and "--tokens must be at least 1" in result.stderr and "FAIL" not in result.stdout
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-1"])
+def test_generate_refuses_a_temperature_that_is_not_a_finite_number(programs, value):
+    result = run("generate.py", str(programs.get("e2b")), "--prompt", "Hi", "--temperature", value)
+    assert result.returncode == 2 and "finite --temperature" in result.stderr and "Traceback" not in result.stderr

@@ -91,10 +91,40 @@ def test_export_cli_defaults_and_progress(programs):
         assert stage in log
 
 
-@pytest.mark.parametrize("variant", ["e2b", "e4b"])
-def test_export_cli_runs_from_inside_its_folder(variant):
-    result = run(f"{variant}/export.py", "--help", cwd=REPO / variant)
-    assert result.returncode == 0 and f"Gemma 3n {variant.upper()}" in result.stdout
+def test_export_cli_runs_from_inside_its_folder(tiny_models, tmp_path):
+    """Exported from inside e4b/ (e2b/: test_patches.py's reproducibility export): an E4B program
+    that computes what Hugging Face does."""
+    output = tmp_path / "inside.pte"
+    result = run("e4b/export.py", "--model", "tiny", "--dtype", "fp32", "--seq-len", "8", "--output", str(output),
+                 cwd=REPO / "e4b")
+    assert result.returncode == 0, result.stderr[-2000:]
+    program = Program(output)
+    assert (program.info.variant, program.info.seq_len) == ("E4B", 8)
+    ids = probe_batches(8, 512, windows=1)[0]
+    with torch.no_grad():
+        expected = tiny_models("e4b")(input_ids=ids).logits
+    assert parity.compare(program.forward_fixed(ids), expected).max_abs <= 1e-4
+
+
+def test_a_gemma_3n_narrower_than_a_quantization_group_exports_with_the_phone_recipe(tmp_path):
+    """A valid Gemma 3n 48 wide: XNNPACK's 4-bit kernels need rows of a multiple of 32, so its
+    lm_head (4-bit, one group per row under the default recipe) stays in floating point instead of
+    failing in lowering (AssertionError ... group_size ... 48)."""
+    from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+    from gemma3n_executorch import checkpoint
+    from gemma3n_executorch.variants import tiny_config
+    from tests.checkpoints import write_text_only
+
+    model = Gemma3nForCausalLM(Gemma3nTextConfig(**dict(tiny_config(4, 1, 96), hidden_size=48)))
+    checkpoint.randomize_(model)
+    directory = write_text_only(model.eval(), tmp_path / "narrow")
+    output = tmp_path / "narrow.pte"
+    result = run("e2b/export.py", "--model", str(directory), "--mode", "kv", "--max-context-length", "32",
+                 "--max-seq-length", "16", "--output", str(output))
+    assert result.returncode == 0, result.stderr[-2000:]
+    validated = run("validate.py", str(output), "--model", str(directory))
+    assert validated.returncode == 0 and "PASS  against eager PyTorch" in validated.stdout, validated.stdout
 
 
 def test_default_output_names():

@@ -4,14 +4,19 @@ ExecuTorch's stock LLM runner."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
+import torch
 
 from gemma3n_executorch import parity, tasks
 from gemma3n_executorch.exporter import tokenizer_path_for
-from gemma3n_executorch.generation import ChatSession, Generator, load_tokenizer
+from gemma3n_executorch.generation import BYTE_TOKEN, ChatSession, Generator, load_tokenizer
+from gemma3n_executorch.progress import UserError
 from gemma3n_executorch.runtime import Program
-from gemma3n_executorch.variants import BOS_ID
-from tests.conftest import run
+from gemma3n_executorch.variants import BOS_ID, STOP_IDS
+from tests.conftest import REPO, run
 
 CONTEXT = 160
 CHUNK = 12  # tokens per call: the tiny model's sliding window is 16, so chunks straddle its edges
@@ -139,12 +144,97 @@ def test_stock_runner_stops_at_the_end_of_the_context(programs):
     assert runner_text(path, prompt, 1000) == tokenizer.decode(ours.tokens, skip_special_tokens=False)
 
 
-def test_generate_cli_streams_text_and_timing(programs):
+def readme_runner_snippet() -> str:
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("### Deploy with ExecuTorch's stock runner"):]
+    return section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
+
+
+def printed_by_stock_runner(tokenizer, token: int) -> bytes:
+    """What the stock runner prints for one token (measured, ExecuTorch 1.4.1): the piece's text,
+    but for a byte token only a printable ASCII byte; any other byte, so every byte of a
+    character spelled in byte tokens, is dropped."""
+    piece = tokenizer.id_to_token(token)
+    if BYTE_TOKEN.fullmatch(piece):
+        value = int(piece[3:5], 16)
+        return bytes([value]) if 0x20 <= value < 0x7F else b""
+    return tokenizer.decode([token], skip_special_tokens=False).encode()
+
+
+@pytest.mark.parametrize("flags", [KV_FLAGS, PHONE_FLAGS], ids=["portable-fp32", "phone"])
+def test_readme_stock_runner_snippet_runs_verbatim_and_produces_our_tokens(programs, tmp_path, flags):
+    """The README's TextLLMRunner code, run as written in a fresh interpreter (so nothing of ours
+    has registered the custom ops), beside the two files it names: it must print the bytes of
+    the tokens this project's runtime generates for the same prompt (which tests above hold to
+    Hugging Face's)."""
+    path = programs.get("e2b", *flags)
+    (tmp_path / "model-kv.pte").symlink_to(path)
+    (tmp_path / "model-kv.tokenizer.json").symlink_to(tokenizer_path_for(path))
+    (tmp_path / "snippet.py").write_text(readme_runner_snippet())
+    result = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, capture_output=True)
+    assert result.returncode == 0, result.stderr.decode(errors="replace")[-3000:]
+
+    tokenizer = load_tokenizer(tokenizer_path_for(path))
+    prompt = gemma_prompt_ids(tokenizer, "Hello")
+    ours = Generator(Program(path), tokenizer).generate(prompt, max_new_tokens=64)
+    expected = b"".join(printed_by_stock_runner(tokenizer, token) for token in ours.tokens)
+    printed = result.stdout.split(b"\nPyTorchObserver ")[0]  # then the runner's statistics line
+    for stop in (b"<end_of_turn>", b"<eos>"):  # the runner also prints the stop token
+        printed = printed.removesuffix(stop)
+    assert printed == expected and len(ours.tokens) > 10
+
+
+def gemma_prompt_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer.encode(f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n").ids  # <bos> first
+
+
+def until_stop(tokens: list[int], limit: int) -> list[int]:
+    stop = next((i for i, token in enumerate(tokens) if token in STOP_IDS), len(tokens))
+    return tokens[:min(stop, limit)]
+
+
+def test_generate_cli_streams_text_and_timing(programs, tiny_models):
+    """The streamed text is the decode of Hugging Face's own greedy tokens for the chat prompt."""
     path = programs.get("e2b", *KV_FLAGS)
-    result = run("generate.py", str(path), "--prompt", "Hello", "--max-new-tokens", "20")
+    tokenizer = load_tokenizer(tokenizer_path_for(path))
+    prompt = gemma_prompt_ids(tokenizer, "Hello")
+    expected = until_stop(parity.eager_greedy(tiny_models("e2b"), prompt, 20), 20)
+    result = run("generate.py", str(path), "--prompt", "  Hello\n", "--max-new-tokens", "20")  # trimmed as Gemma does
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stdout.strip() and "prefill" in result.stderr and "tok/s" in result.stderr
-    assert "time to first token" in result.stderr
+    assert result.stdout == tokenizer.decode(expected, skip_special_tokens=False) and len(expected) > 3
+    assert f"prefill {len(prompt)} tokens at" in result.stderr and "time to first token" in result.stderr
+
+
+def test_generate_cli_system_prompt_is_folded_into_the_first_turn(programs, tiny_models):
+    path = programs.get("e2b", *KV_FLAGS)
+    tokenizer = load_tokenizer(tokenizer_path_for(path))
+    prompt = gemma_prompt_ids(tokenizer, "Be brief.\n\nHello")
+    expected = until_stop(parity.eager_greedy(tiny_models("e2b"), prompt, 12), 12)
+    result = run("generate.py", str(path), "--system", "Be brief.", "--prompt", "Hello", "--max-new-tokens", "12")
+    assert result.returncode == 0 and result.stdout == tokenizer.decode(expected, skip_special_tokens=False)
+    assert f"prefill {len(prompt)} tokens" in result.stderr
+
+
+def chat(path, stdin: bytes, *flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(REPO / "generate.py"), str(path), *flags], input=stdin,
+                          capture_output=True)
+
+
+def test_chat_survives_a_line_that_is_not_utf8(programs):
+    result = chat(programs.get("e2b", *KV_FLAGS), b"caf\xe9\nHello\n", "--max-new-tokens", "4")
+    stderr = result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in stderr
+    assert "error: that line is not UTF-8 text; type it again" in stderr and stderr.count("prefill") == 1
+
+
+def test_chat_says_when_the_conversation_is_full(programs):
+    """The cache holds 160 positions; the third long turn cannot fit."""
+    turn = b"word " * 25 + b"\n"
+    result = chat(programs.get("e2b", *KV_FLAGS), turn * 3 + b"/reset\n" + turn, "--max-new-tokens", "8")
+    stderr = result.stderr.decode()
+    assert result.returncode == 0 and "Traceback" not in stderr
+    assert "error: the conversation is full" in stderr and "type /reset to start a new one" in stderr
+    assert stderr.count("prefill") == 3  # two turns, then one more after /reset
 
 
 def test_generate_cli_sampling_is_seeded(programs):
@@ -172,13 +262,75 @@ def test_fixed_program_where_kv_is_required(programs):
         program.step([BOS_ID])
 
 
-def test_generate_runs_fixed_programs_by_sliding_the_window(programs):
-    result = run("generate.py", str(programs.get("e2b", "--dtype", "fp32")), "--prompt", "Hello",
-                 "--max-new-tokens", "40")
-    assert result.returncode == 0 and result.stdout.strip(), result.stderr[-2000:]
+def test_generate_runs_fixed_programs_by_sliding_the_window(programs, tiny_models):
+    """40 new tokens after the prompt overflow the 32-token window: each must be Hugging Face's
+    greedy token for the last 32 tokens."""
+    path = programs.get("e2b", "--dtype", "fp32")
+    tokenizer = load_tokenizer(tokenizer_path_for(path))
+    history = gemma_prompt_ids(tokenizer, "Hello")
+    model, new = tiny_models("e2b"), []
+    with torch.no_grad():
+        while len(new) < 40:
+            token = int(model(input_ids=torch.tensor([history[-32:]])).logits[0, -1].argmax())
+            if token in STOP_IDS:
+                break
+            new.append(token)
+            history.append(token)
+    assert len(history) > 32 + 8  # the window really slid
+    result = run("generate.py", str(path), "--prompt", "Hello", "--max-new-tokens", "40")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout == tokenizer.decode(new, skip_special_tokens=False)
 
 
 def test_validate_kv_program_against_eager(programs):
     result = run("validate.py", str(programs.get("e2b", *KV_FLAGS)), "--model", "tiny", "--tokens", "64")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "identical to eager generate()" in result.stdout
+
+
+def test_program_refuses_token_ids_outside_its_vocabulary(programs, tiny_models):
+    """The program gathers embedding rows unchecked: id 512 of a 512-token vocabulary returned
+    finite logits read from other memory, id 10**9 crashed the process."""
+    vocab = tiny_models("e2b").config.vocab_size
+    kv, fixed = Program(programs.get("e2b", *KV_FLAGS)), Program(programs.get("e2b"))
+    for bad in (vocab, 10**9, -1):
+        with pytest.raises(UserError, match=f"token id {bad} is outside the program's vocabulary"):
+            kv.step([BOS_ID, bad])
+        with pytest.raises(UserError, match="outside the program's vocabulary"):
+            fixed.forward_fixed(torch.tensor([[BOS_ID] + [bad] * 31]))
+    assert kv.position == 0
+    assert torch.isfinite(kv.step([BOS_ID, vocab - 1])).all()  # the last id is still in range
+
+
+def test_generate_refuses_a_tokenizer_of_another_model(programs, tmp_path):
+    from tokenizers import Tokenizer, models
+
+    other = Tokenizer(models.WordLevel({"<unk>": 0, "<s>": 1, "</s>": 2, "hello": 3}, unk_token="<unk>"))
+    other.save(str(tmp_path / "other.json"))
+    result = run("generate.py", str(programs.get("e2b", *KV_FLAGS)), "--tokenizer", str(tmp_path / "other.json"),
+                 "--prompt", "hello")
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "error: the tokenizer is not this program's Gemma tokenizer (<pad> is id None" in result.stderr
+    assert result.stdout == ""
+
+
+def test_validate_kv_program_with_a_context_shorter_than_the_probe(programs):
+    """A valid kv program holding 8 positions failed its own shape check (expected (-4, 512))."""
+    result = run("validate.py", str(programs.get("e2b", "--mode", "kv", "--max-context-length", "8", "--max-seq-length", "8", "--dtype", "fp32",
+                                                 "--quantize", "none", "--quantize-embeddings", "none",
+                                                 "--backend", "portable")), "--model", "tiny")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "PASS  logits shape (1, 512)" in result.stdout and "PASS  greedy decoding of 1 tokens" in result.stdout
+
+
+def test_validate_enforces_greedy_parity_and_states_every_bound(programs, tmp_path):
+    from gemma3n_executorch import checkpoint
+    from gemma3n_executorch.variants import VARIANTS
+    from tests.checkpoints import write_text_only
+
+    other = write_text_only(checkpoint.build_tiny(VARIANTS["e2b"], seed=7), tmp_path / "other")
+    result = run("validate.py", str(programs.get("e2b", *KV_FLAGS)), "--model", str(other))
+    assert result.returncode == 1
+    assert "FAIL  greedy decoding of 16 tokens: first differs from eager generate()" in result.stdout
+    phone = run("validate.py", str(programs.get("e2b", *PHONE_FLAGS)), "--model", "tiny")
+    assert "tolerance: top-1 >= 0.9, relative L2 <= 0.15" in phone.stdout

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -86,3 +89,65 @@ def test_kv_projections_of_the_shared_layers_are_stored_as_published_and_ignored
     ids = torch.randint(0, 512, (1, 20), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         assert torch.equal(loaded.model(ids).logits, reference(ids).logits)
+
+
+def test_real_architectures_ship_with_the_package(tmp_path):
+    """A user's clone has no ../shared/ beside it: the package alone must give the published
+    architectures (E2B: 30 layers, MLP 8192; E4B: 35 layers, MLP 16384, as on the model cards)."""
+    shutil.copytree(REPO / "gemma3n_executorch", tmp_path / "clone" / "gemma3n_executorch")
+    code = ("import json; from gemma3n_executorch.variants import VARIANTS;"
+            "print(json.dumps({k: [v.real_text_config()[f] for f in ('num_hidden_layers', 'num_kv_shared_layers')]"
+            " + [v.real_text_config()['intermediate_size'][0]] for k, v in VARIANTS.items()}))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path / "clone", capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout) == {"e2b": [30, 10, 8192], "e4b": [35, 15, 16384]}
+
+
+def _edit_weights(directory: Path, edit) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(directory / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, str(directory / "model.safetensors"))
+
+
+@pytest.mark.parametrize("edit, fragment", [
+    (lambda t: t.pop("model.layers.0.mlp.gate_proj.weight"), "missing from the checkpoint, e.g. model.layers.0.mlp.gate_proj.weight"),
+    (lambda t: t.update({"model.layers.0.mlp.gate_proj.weight": torch.zeros(3, 64)}),
+     "tensor model.layers.0.mlp.gate_proj.weight has shape [3, 64] in the checkpoint but the config needs [128, 64]"),
+    (lambda t: t.update({"model.extra.weight": torch.zeros(2)}), "not part of Gemma 3n, e.g. model.extra.weight"),
+], ids=["missing", "wrong-shape", "foreign"])
+def test_checkpoint_that_does_not_match_its_config_is_refused(tmp_path, tiny_models, edit, fragment):
+    """transformers initialises a missing tensor at random and says so only in a log line (the
+    program then computes something else, logits off by up to 14); a wrong shape raised a bare
+    RuntimeError that named no tensor."""
+    directory = write_text_only(tiny_models("e2b"), tmp_path / "checkpoint")
+    _edit_weights(directory, edit)
+    with pytest.raises(UserError, match=re.escape(fragment)):
+        checkpoint.load(str(directory), VARIANTS["e2b"], torch.float32)
+
+
+def test_truncated_weights_are_refused(tmp_path, tiny_models):
+    directory = write_text_only(tiny_models("e2b"), tmp_path / "checkpoint")
+    weights = directory / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    with pytest.raises(UserError, match="download the checkpoint again"):
+        checkpoint.load(str(directory), VARIANTS["e2b"], torch.float32)
+
+
+@pytest.mark.parametrize("content, fragment", [
+    (b"[1, 2]", "a JSON list, not an object"),
+    (b'{"model_type": "gemma3n_text", "name": "\xff"}', "not UTF-8"),
+    (b'{"model_type": "gemma3n", "text_config": null}', "without a text_config object"),
+], ids=["list", "not-utf8", "null-text-config"])
+def test_malformed_config_is_refused(tmp_path, content, fragment):
+    (tmp_path / "config.json").write_bytes(content)
+    with pytest.raises(UserError, match=fragment):
+        checkpoint.load(str(tmp_path), VARIANTS["e2b"], torch.float32)
+
+
+def test_checkpoint_of_the_other_variant_is_refused(tmp_path, tiny_models):
+    """e4b/export.py --model <an E2B checkpoint> wrote a program labelled E4B."""
+    directory = write_text_only(tiny_models("e2b"), tmp_path / "checkpoint")
+    with pytest.raises(UserError, match="a Gemma 3n E2B checkpoint .* export it with e2b/export.py"):
+        checkpoint.load(str(directory), VARIANTS["e4b"], torch.float32)
