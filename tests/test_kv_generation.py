@@ -10,12 +10,12 @@ import sys
 import pytest
 import torch
 
-from gemma3n_executorch import parity, tasks
+from gemma3n_executorch import parity, stock_runner, tasks
 from gemma3n_executorch.exporter import tokenizer_path_for
-from gemma3n_executorch.generation import BYTE_TOKEN, ChatSession, Generator, load_tokenizer
+from gemma3n_executorch.generation import ChatSession, Generator, load_tokenizer
 from gemma3n_executorch.progress import UserError
 from gemma3n_executorch.runtime import Program
-from gemma3n_executorch.variants import BOS_ID, STOP_IDS
+from gemma3n_executorch.variants import BOS_ID, EOS_ID, STOP_IDS
 from tests.conftest import REPO, run
 
 CONTEXT = 160
@@ -106,18 +106,8 @@ def chat_prompt(text: str) -> str:
     return f"<start_of_turn>user\n{text}<end_of_turn>\n<start_of_turn>model\n"
 
 
-def runner_text(path, prompt: str, max_new_tokens: int) -> str:
-    """What ExecuTorch's stock runner streams for ``prompt`` (BOS added by the runner), stop token removed."""
-    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
-
-    pieces = []
-    runner = TextLLMRunner(str(path), str(tokenizer_path_for(path)))
-    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0, num_bos=1),
-                    token_callback=pieces.append)
-    text = "".join(pieces)
-    for stop in ("<end_of_turn>", "<eos>"):  # the runner also emits the stop token's text
-        text = text.removesuffix(stop)
-    return text
+def runner_text(path, prompt: str, max_new_tokens: int) -> bytes:
+    return stock_runner.printed(path, tokenizer_path_for(path), prompt, max_new_tokens)
 
 
 @pytest.mark.parametrize("flags", [KV_FLAGS, PHONE_FLAGS], ids=["portable-fp32", "phone"])
@@ -128,37 +118,28 @@ def test_stock_runner_produces_the_same_text(programs, flags):
     ids = [BOS_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids
     assert len(ids) > CHUNK  # the runner prefills it in chunks of the program's max_seq_length
     ours = Generator(Program(path), tokenizer).generate(ids, max_new_tokens=40)
-    expected = tokenizer.decode(ours.tokens, skip_special_tokens=False)
+    expected = stock_runner.printed_for(tokenizer, ours.tokens)
     assert runner_text(path, prompt, 40) == expected and len(expected) > 20
 
 
-def test_stock_runner_stops_at_the_end_of_the_context(programs):
+def test_generation_stops_at_the_end_of_the_context(programs):
+    """The program answers <eos> at its last position (tasks.KVCacheLM), where ExecuTorch 1.4.1's
+    runner would otherwise feed one token more than the cache holds; ours stops there."""
     path = programs.get("e2b", *KV_FLAGS)
     tokenizer = load_tokenizer(tokenizer_path_for(path))
-    prompt = chat_prompt("Tell me everything about phones, " * 4)
-    ids = [BOS_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids
-    ours = Generator(Program(path), tokenizer).generate(ids, max_new_tokens=1000)
-    assert ours.stop_reason == "context_full" and len(ids) + len(ours.tokens) == CONTEXT
-    # The program answers <eos> at its last position, where ExecuTorch 1.4.1's runner would
-    # otherwise feed one more token than the cache holds (tasks.KVCacheLM).
-    assert runner_text(path, prompt, 1000) == tokenizer.decode(ours.tokens, skip_special_tokens=False)
+    ids = [BOS_ID] + tokenizer.encode(chat_prompt("Tell me everything about phones, " * 4), add_special_tokens=False).ids
+    program = Program(path)
+    ours = Generator(program, tokenizer).generate(ids, max_new_tokens=1000)
+    assert ours.stop_reason == "context_full" and len(ids) + len(ours.tokens) == CONTEXT == program.position
+    program.reset()
+    last = program.step(ids + ours.tokens)
+    assert int(last.argmax()) == EOS_ID and torch.isinf(last).sum() == last.numel() - 1
 
 
 def readme_runner_snippet() -> str:
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("### Deploy with ExecuTorch's stock runner"):]
     return section[section.index("```python\n") + len("```python\n"):section.index("\n```", section.index("```python"))]
-
-
-def printed_by_stock_runner(tokenizer, token: int) -> bytes:
-    """What the stock runner prints for one token (measured, ExecuTorch 1.4.1): the piece's text,
-    but for a byte token only a printable ASCII byte; any other byte, so every byte of a
-    character spelled in byte tokens, is dropped."""
-    piece = tokenizer.id_to_token(token)
-    if BYTE_TOKEN.fullmatch(piece):
-        value = int(piece[3:5], 16)
-        return bytes([value]) if 0x20 <= value < 0x7F else b""
-    return tokenizer.decode([token], skip_special_tokens=False).encode()
 
 
 @pytest.mark.parametrize("flags", [KV_FLAGS, PHONE_FLAGS], ids=["portable-fp32", "phone"])
@@ -177,9 +158,9 @@ def test_readme_stock_runner_snippet_runs_verbatim_and_produces_our_tokens(progr
     tokenizer = load_tokenizer(tokenizer_path_for(path))
     prompt = gemma_prompt_ids(tokenizer, "Hello")
     ours = Generator(Program(path), tokenizer).generate(prompt, max_new_tokens=64)
-    expected = b"".join(printed_by_stock_runner(tokenizer, token) for token in ours.tokens)
-    printed = result.stdout.split(b"\nPyTorchObserver ")[0]  # then the runner's statistics line
-    for stop in (b"<end_of_turn>", b"<eos>"):  # the runner also prints the stop token
+    expected = stock_runner.printed_for(tokenizer, ours.tokens)
+    printed = result.stdout.split(stock_runner.STATISTICS)[0]
+    for stop in stock_runner.STOP_TEXTS:
         printed = printed.removesuffix(stop)
     assert printed == expected and len(ours.tokens) > 10
 

@@ -44,14 +44,12 @@ def greedy(program_path: str, prompt: list[int], steps: int) -> dict:
 
 
 def runner_text(program_path: str, tokenizer_path: str, prompt: str, max_new_tokens: int) -> dict:
-    """ExecuTorch's stock TextLLMRunner, greedy, as the demo apps drive it."""
-    from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
+    """ExecuTorch's stock TextLLMRunner, greedy, as the demo apps drive it: the bytes it prints
+    (its Python token_callback fails on Gemma's byte tokens), escaped where they are not UTF-8."""
+    from gemma3n_executorch import stock_runner
 
-    pieces: list[str] = []
-    runner = TextLLMRunner(program_path, tokenizer_path)
-    runner.generate(prompt, GenerationConfig(echo=False, max_new_tokens=max_new_tokens, temperature=0.0, num_bos=1),
-                    token_callback=pieces.append)
-    return {"text": "".join(pieces)}
+    printed = stock_runner.printed(program_path, tokenizer_path, prompt, max_new_tokens)
+    return {"text": printed.decode("utf-8", "backslashreplace")}
 
 
 def fixed_logits(program_path: str, windows: list[list[int]]) -> dict:
