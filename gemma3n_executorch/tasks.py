@@ -220,8 +220,8 @@ class KVCacheLM(nn.Module):
         return logits.masked_fill(context_full & not_eos, float("-inf"))
 
     def kv_cache_bytes(self) -> int:
-        return sum(b.numel() * b.element_size() for module in self.modules() if isinstance(module, tuple(CACHE_CLASSES.values()))
-                   for b in module.buffers())
+        caches = [module for module in self.modules() if isinstance(module, (FloatCache, Int8Cache))]
+        return sum(b.numel() * b.element_size() for cache in caches for b in cache.buffers())
 
     initialized_buffers = (RING_CACHE,)  # names of buffers whose initial state the program must keep
 

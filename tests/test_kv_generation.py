@@ -75,7 +75,7 @@ def test_planned_memory_grows_only_by_the_full_attention_caches(programs, tiny_m
                for context in (CONTEXT, 4 * CONTEXT)}
     growth = planned[4 * CONTEXT] - planned[CONTEXT]
     # Alignment moves the plan by up to a few hundred bytes per buffer; a [chunk, context] mask
-    # per layer, as before the rings, grew it by 23 kB here.
+    # per layer, as before the rings, would grow it by about 23 kB here (computed).
     assert abs(growth - 3 * CONTEXT * bytes_per_position) <= 4096, (planned, bytes_per_position)
 
 
