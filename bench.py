@@ -361,8 +361,8 @@ def check_llama_cpp(args) -> None:
 
 
 # The instruction sets that decide which kernels run: int8 GEMMs without VNNI, with it, bf16 with
-# AVX-512 BF16. The same 2-core VM type has come as CPUs with and without them.
-CPU_FEATURES = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "asimddp", "i8mm")
+# AVX-512 BF16, XNNPACK's AMX int8 kernels. The same 2-core VM type has come as CPUs with and without them.
+CPU_FEATURES = ("avx2", "avx512f", "avx_vnni", "avx512_vnni", "avx512_bf16", "amx_int8", "asimddp", "i8mm")
 
 
 def cpu() -> str:
@@ -381,6 +381,19 @@ def machine() -> str:
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     return (f"{platform.machine()}, {cpu()}, {os.cpu_count()} cores, {memory:.0f} GiB, "
             f"{platform.python_implementation()} {platform.python_version()}")
+
+
+def source_commit() -> str:
+    """The commit the figures come from, '+changes' when the tree differs from it."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+changes" if dirty else "")
 
 
 def run_all(args) -> list[dict]:
@@ -410,7 +423,7 @@ def run_all(args) -> list[dict]:
                 logits[name] = saved
             records.append(dict(config=name, **record))
             log(f"   {summary_line(records[-1])}")
-        if args.fp32_fits and logits:
+        if args.fp32_fits and logits and args.logit_error:
             log("== logit error against eager fp32")
             errors = spawn("quality", args, logits=json.dumps(logits))
         else:
@@ -468,6 +481,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--long-prompt", type=int, help="also time one prefill of this many tokens (e.g. 4096)")
     parser.add_argument("--depths", type=depth_list, default=[],
                         help="also time decode after this many tokens in the cache, e.g. 128,4096,16384,32000")
+    parser.add_argument("--no-logit-error", dest="logit_error", action="store_false",
+                        help="skip the error columns: their reference is eager fp32 in memory (18 GB for full-depth "
+                             "E2B), and at full depth random weights make them meaningless anyway")
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--work-dir", help="where the programs are written while measured, created if missing "
                                            "(default: the temp dir)")
@@ -512,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     records = run_all(args)
     report = {"variant": args.variant, "model": args.model, "layers": args.layers, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "long_prompt": args.long_prompt, "depths": args.depths,
-              "read_bandwidth_bytes_s": bandwidth, "machine": machine(), "seconds": time.perf_counter() - began,
+              "read_bandwidth_bytes_s": bandwidth, "machine": machine(), "commit": source_commit(), "seconds": time.perf_counter() - began,
               "records": records}
     if args.json:
         args.json.write_text(json.dumps(report, indent=1))
