@@ -20,6 +20,10 @@ this machine's memory read bandwidth (a short probe), so decode can be set again
 'llamacpp-q4_0' is the peer: llama.cpp's Q4_0 of the same weights, timed by llama-bench (needs
 --llama-cpp, a llama.cpp tree with its tools built, and the full-depth random model).
 
+--keep-programs keeps the programs in --work-dir and reuses them in a later run of the same commit
+and arguments; with --export-only a run only exports (so exports can run while the machine is
+busy, and the timing later, alone: the export records then say what they were measured beside).
+
 Every export and every measurement runs in its own process, so peak memory is its own. Each
 record: pte_bytes, load_s, prefill_tok_s (the mean of --repeats warm prefills, as llama-bench
 times them), prefill_first_tok_s and ttft_s (the first prefill after loading), decode_tok_s, run_peak_rss_bytes,
@@ -396,6 +400,24 @@ def source_commit() -> str:
     return commit + ("+changes" if dirty else "")
 
 
+def exported(args, name: str, output: Path) -> dict:
+    """Export ``name`` to ``output``, or with --keep-programs reuse the program an earlier run left
+    there from the same commit and arguments (its export record is kept beside it): exports can
+    then run while the machine is busy, and the timing later, on a quiet machine."""
+    record_path = output.with_suffix(".export.json")
+    key = {"commit": source_commit(), "variant": args.variant, "model": args.model, "layers": args.layers,
+           "max_seq_length": args.max_seq_length, "max_context_length": args.max_context_length}
+    if args.keep_programs and output.exists() and record_path.exists():
+        kept = json.loads(record_path.read_text())
+        if kept.pop("key") == key and not key["commit"].endswith("+changes"):
+            log(f"   reusing {output} (exported earlier from the same commit and arguments)")
+            return kept
+    record = spawn("export", args, config=name, output=output)
+    if args.keep_programs:
+        record_path.write_text(json.dumps(dict(record, key=key)))
+    return record
+
+
 def run_all(args) -> list[dict]:
     records, logits = [], {}
     if args.work_dir:
@@ -404,6 +426,9 @@ def run_all(args) -> list[dict]:
         for name in args.configs:
             log(f"== {name}")
             saved = str(Path(work) / f"{name}.logits.pt")
+            if args.export_only and (name in EAGER or name == LLAMA_CPP):
+                log("   not a program: nothing to export")
+                continue
             if name in EAGER:
                 record = spawn("run-eager", args, config=name, logits=saved)
                 record.update(pte_bytes=None, export_s=None, export_peak_rss_bytes=None)
@@ -415,14 +440,17 @@ def run_all(args) -> list[dict]:
                 output.unlink()
             else:
                 options = parse_config(name, args.model, args.max_seq_length, args.max_context_length)
-                output = Path(work) / f"{name}.pte"
-                record = spawn("export", args, config=name, output=output)
-                record.update(spawn("run-program", args, config=name, output=output, logits=saved))
+                output = Path(args.work_dir if args.keep_programs else work) / f"{name}.pte"
+                record = exported(args, name, output)
+                if not args.export_only:
+                    record.update(spawn("run-program", args, config=name, output=output, logits=saved))
+                    logits[name] = saved
                 record["options"] = {k: v for k, v in vars(options).items() if k not in ("model", "mode")}
-                output.unlink()
-                logits[name] = saved
+                if not args.keep_programs:
+                    output.unlink()
             records.append(dict(config=name, **record))
-            log(f"   {summary_line(records[-1])}")
+            if not args.export_only:
+                log(f"   {summary_line(records[-1])}")
         if args.fp32_fits and logits and args.logit_error:
             log("== logit error against eager fp32")
             errors = spawn("quality", args, logits=json.dumps(logits))
@@ -487,6 +515,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--work-dir", help="where the programs are written while measured, created if missing "
                                            "(default: the temp dir)")
+    parser.add_argument("--keep-programs", action="store_true",
+                        help="keep the programs in --work-dir, and reuse the ones an earlier run of the same commit "
+                             "and arguments left there (export while the machine is busy, time them when it is quiet)")
+    parser.add_argument("--export-only", action="store_true", help="export the programs, time nothing")
     parser.add_argument("--llama-cpp", type=Path, help=f"a llama.cpp source tree with its tools built, for {LLAMA_CPP}")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -501,6 +533,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.child:
         Path(args.result).write_text(json.dumps(CHILDREN[args.child](args)))
         return 0
+    if args.keep_programs and not args.work_dir:
+        parser.error("--keep-programs needs --work-dir")
     args.configs = [c.strip() for c in args.configs.split(",") if c.strip()]
     try:
         for name in args.configs:
