@@ -7,6 +7,13 @@ gives for choosing the default cache and context).
 One query token with E2B's 8 query heads over 2 KV heads of 256, the cache class the kv program
 uses (tasks.FloatCache / tasks.Int8Cache), exported and lowered alone on portable kernels (the
 attention runs on ExecuTorch's llama:: ops in the phone recipe too).
+
+Each cache is also timed with the 4 query heads of each KV head folded into one call's rows
+(non-causal over positions [0, depth], exact for one token): what the kernel would cost if it read
+each KV head once instead of once per query head. The kv program cannot do this yet: it takes one
+to max_seq_length tokens a call in one graph, the fold is exact only for one, and a branch on the
+token count (torch.cond) over the unbacked start position fails in ExecuTorch 1.4.1's edge passes
+(PendingUnbackedSymbolNotFound).
 """
 
 from __future__ import annotations
@@ -28,17 +35,28 @@ QUERY_HEADS, KV_HEADS, HEAD_DIM = 8, 2, 256  # E2B and E4B
 DEPTHS = (128, 4096, 16384, 32000)
 
 
+REPEATS_PER_KV_HEAD = QUERY_HEADS // KV_HEADS
+
+
 class OneAttention(torch.nn.Module):
-    def __init__(self, cache_class, context: int):
+    def __init__(self, cache_class, context: int, fold: bool):
         super().__init__()
         self.cache = cache_class(context, KV_HEADS, HEAD_DIM, torch.float32)
         self.context = context
+        self.fold = fold
 
     def forward(self, query, position):
         start = position[0].item()
-        torch._check(start >= 0)
+        torch._check(start >= REPEATS_PER_KV_HEAD)
         torch._check(start < self.context)
-        return self.cache.attend(query, start, None)
+        if not self.fold:
+            return self.cache.attend(query, start, None)
+        # [1, 1, kv * r, d] -> rows r, heads kv; without a mask and not causal the kernel attends
+        # over [0, start' + rows), so start' = start - (r - 1) covers exactly [0, start].
+        rows = query.reshape(1, KV_HEADS, REPEATS_PER_KV_HEAD, HEAD_DIM).transpose(1, 2).unsqueeze(0)
+        rows = rows.reshape(1, REPEATS_PER_KV_HEAD, KV_HEADS, HEAD_DIM)
+        output = self.cache.attend(rows, start - (REPEATS_PER_KV_HEAD - 1), None, causal=False)
+        return output.reshape(1, REPEATS_PER_KV_HEAD, KV_HEADS, HEAD_DIM).transpose(1, 2).reshape(query.shape)
 
 
 def main() -> None:
@@ -50,10 +68,10 @@ def main() -> None:
 
     query = torch.randn(1, 1, QUERY_HEADS, HEAD_DIM)
     with tempfile.TemporaryDirectory() as work:
-        for kv_cache in KV_CACHE_DTYPES:
-            module = OneAttention(tasks.CACHE_CLASSES[kv_cache], args.context).eval()
+        for kv_cache, fold in ((kv, fold) for kv in KV_CACHE_DTYPES for fold in (False, True)):
+            module = OneAttention(tasks.CACHE_CLASSES[kv_cache], args.context, fold).eval()
             program, _ = lowering.lower(lowering.export(module, (query, torch.tensor([5])), None), "portable", {})
-            path = Path(work) / f"{kv_cache}.pte"
+            path = Path(work) / f"{kv_cache}-{fold}.pte"
             lowering.write_atomically(program, path)
             method = Runtime.get().load_program(path).load_method("forward")
             for depth in (d for d in DEPTHS if d < args.context):
@@ -63,7 +81,7 @@ def main() -> None:
                     method.execute([query, torch.tensor([depth])])
                 milliseconds = (time.perf_counter() - began) / args.repeats * 1e3
                 read = depth * KV_HEADS * HEAD_DIM * 2 * (4 if kv_cache == "fp32" else 1)
-                print(f"{kv_cache} cache, depth {depth:6d}: {milliseconds:8.3f} ms per call "
+                print(f"{kv_cache} cache{', query heads folded' if fold else ''}, depth {depth:6d}: {milliseconds:8.3f} ms per call "
                       f"({read / milliseconds / 1e6:.2f} GB/s of cache read once)")
 
 

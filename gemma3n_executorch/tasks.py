@@ -68,11 +68,12 @@ class FloatCache(nn.Module):
         _write(key, self.k_cache, start_pos, slots)
         _write(value, self.v_cache, start_pos, slots)
 
-    def attend(self, query, start_pos, mask):
+    def attend(self, query, start_pos, mask, causal=True):
         # With a mask the kernel attends over every slot (the mask says which are visible); without
-        # one, causally over positions [0, start_pos + n). Gemma 3n's query norm replaces the
-        # 1/sqrt(head_dim) scaling, hence scale 1.
-        return torch.ops.llama.custom_sdpa(query, self.k_cache, self.v_cache, start_pos, mask, 0.0, mask is None, 1.0)
+        # one over positions [0, start_pos + n), causally unless told not to (every query row then
+        # sees all of them). Gemma 3n's query norm replaces the 1/sqrt(head_dim) scaling, hence scale 1.
+        return torch.ops.llama.custom_sdpa(query, self.k_cache, self.v_cache, start_pos, mask, 0.0,
+                                           mask is None and causal, 1.0)
 
 
 class Int8Cache(nn.Module):
@@ -96,10 +97,10 @@ class Int8Cache(nn.Module):
             _write(scale, scales, start_pos, slots)
             _write(zero_point, zero_points, start_pos, slots)
 
-    def attend(self, query, start_pos, mask):
+    def attend(self, query, start_pos, mask, causal=True):
         quantized, scale, zero_point = _quantize_per_token(query)
         output = torch.ops.llama.custom_quantized_sdpa(
-            quantized, self.k_cache, self.v_cache, start_pos, mask, 0.0, mask is None, 1.0,
+            quantized, self.k_cache, self.v_cache, start_pos, mask, 0.0, mask is None and causal, 1.0,
             zero_point, scale, self.k_zero_points, self.k_scales, self.v_zero_points, self.v_scales)
         return output.to(query.dtype)
 
