@@ -42,21 +42,22 @@ def printed(program: Path, tokenizer: Path, prompt: str, max_new_tokens: int) ->
             os.close(saved)
         capture.seek(0)
         text = capture.read().split(STATISTICS)[0]
+    text = text.removesuffix(b"\n")  # printed after the last token (text_llm_runner.cpp)
     for stop in STOP_TEXTS:
         text = text.removesuffix(stop)
     return text
 
 
 def printed_for(tokenizer, tokens: list[int]) -> bytes:
-    """What the runner prints for these tokens (measured, ExecuTorch 1.4.1): each piece's text,
-    but for a byte token only a printable ASCII byte; any other byte, so every byte of a
-    character spelled in byte tokens, is dropped."""
+    """What the runner prints for these tokens (ExecuTorch 1.4.1's ``safe_printf``): each piece's
+    text, but for a byte token only a printable or white-space ASCII byte (C's isprint or
+    isspace); any other byte, so every byte of a character spelled in byte tokens, is dropped."""
     pieces = []
     for token in tokens:
         piece = tokenizer.id_to_token(token)
         if BYTE_TOKEN.fullmatch(piece):
-            value = int(piece[3:5], 16)
-            pieces.append(bytes([value]) if 0x20 <= value < 0x7F else b"")
+            value = bytes([int(piece[3:5], 16)])
+            pieces.append(value if value.isascii() and (value.isspace() or 0x20 <= value[0] < 0x7F) else b"")
         else:
             pieces.append(tokenizer.decode([token], skip_special_tokens=False).encode())
     return b"".join(pieces)

@@ -124,16 +124,20 @@ def test_stock_runner_produces_the_same_text(programs, flags):
 
 def test_generation_stops_at_the_end_of_the_context(programs):
     """The program answers <eos> at its last position (tasks.KVCacheLM), where ExecuTorch 1.4.1's
-    runner would otherwise feed one token more than the cache holds; ours stops there."""
+    runner would otherwise feed one token more than the cache holds; ours stops there, and the
+    stock runner, asked for more tokens than fit, prints the same text and stops there too."""
     path = programs.get("e2b", *KV_FLAGS)
     tokenizer = load_tokenizer(tokenizer_path_for(path))
-    ids = [BOS_ID] + tokenizer.encode(chat_prompt("Tell me everything about phones, " * 4), add_special_tokens=False).ids
+    prompt = chat_prompt("Tell me everything about phones, " * 4)
+    ids = [BOS_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids
+    assert len(ids) > CHUNK
     program = Program(path)
     ours = Generator(program, tokenizer).generate(ids, max_new_tokens=1000)
     assert ours.stop_reason == "context_full" and len(ids) + len(ours.tokens) == CONTEXT == program.position
     program.reset()
     last = program.step(ids + ours.tokens)
     assert int(last.argmax()) == EOS_ID and torch.isinf(last).sum() == last.numel() - 1
+    assert runner_text(path, prompt, 1000) == stock_runner.printed_for(tokenizer, ours.tokens)
 
 
 def readme_runner_snippet() -> str:
