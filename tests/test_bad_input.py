@@ -229,3 +229,57 @@ def test_validate_tokens_zero_is_a_usage_error(programs):
 def test_generate_refuses_a_temperature_that_is_not_a_finite_number(programs, value):
     result = run("generate.py", str(programs.get("e2b")), "--prompt", "Hi", "--temperature", value)
     assert result.returncode == 2 and "finite --temperature" in result.stderr and "Traceback" not in result.stderr
+
+
+def _replayed_load_failure(monkeypatch, where: str, failure: BaseException, log_lines: tuple[str, ...] = ()):
+    """Make loading fail as ExecuTorch 1.4.1 does (measured: out of memory under a lowered
+    RLIMIT_AS, a kernel missing from the runtime): it writes its log lines to sys.stderr (its
+    bindings route the runtime's log there), then raises. ``where``: the executorch.runtime
+    method that fails."""
+    import executorch.runtime
+
+    owner = executorch.runtime.Runtime if where == "load_program" else executorch.runtime.Program
+    original = getattr(owner, where)
+
+    def failing(self, name, *args, **kwargs):
+        if where == "load_program" or name == "forward":
+            sys.stderr.write("".join(line + "\n" for line in log_lines))
+            raise failure
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(owner, where, failing)
+
+
+@pytest.mark.parametrize("where, failure, log_lines, fragment", [
+    ("load_program", MemoryError(), (), "not enough memory to load it ({size}); close other programs"),
+    ("load_program", RuntimeError("Failed to load program, error: 0x:22"),
+     ("[mmap_data_loader.cpp:211] Failed to map m.pte: mmap(..., size=4096, ..., fd=3, offset=0x0)",),
+     "not enough memory to load it ({size}; Failed to map m.pte: mmap("),
+    ("load_method", RuntimeError("Failed to load method forward, error: 0x:1"),
+     ("[XNNCompiler.cpp:2230] XNN Runtime creation failed with code: xnn_status_out_of_memory",
+      "[XNNPACKBackend.cpp:143] XNNCompiler::compileModel failed: 0x1",
+      "[method.cpp:128] Init failed for backend XnnpackBackend: 0x1"),
+     "not enough memory to load it ({size}; XNN Runtime creation failed with code: xnn_status_out_of_memory)"),
+    ("load_method", RuntimeError("Failed to load method forward, error: 0x:14"),
+     ("[operator_registry.cpp:277] kernel 'quantized_decomposed::embedding_4bit.out' not found.",
+      "[operator_registry.cpp:278] dtype: 0 | dim order: [",
+      "[method.cpp:819] Missing operator: [9] quantized_decomposed::embedding_4bit.out",
+      "[method.cpp:1125] There are 16 instructions don't have corresponding operator registered. See logs for details"),
+     "the ExecuTorch runtime cannot load it (Failed to load method forward, error: 0x:14: kernel "
+     "'quantized_decomposed::embedding_4bit.out' not found.); re-export it"),
+], ids=["bad-alloc", "mmap", "xnnpack", "missing-kernel"])
+def test_a_program_that_cannot_be_loaded_is_one_line(programs, monkeypatch, capsys, where, failure, log_lines,
+                                                      fragment):
+    """Loading the forward method (XNNPACK out of memory, a missing kernel) raised a bare
+    RuntimeError, a traceback; a program that could not be mapped was to be re-exported; the
+    runtime's own lines went out beside the error."""
+    from gemma3n_executorch.progress import human_bytes
+    from gemma3n_executorch.runtime import Program
+
+    path = programs.get("e2b", "--dtype", "fp32")
+    _replayed_load_failure(monkeypatch, where, failure, log_lines)
+    with pytest.raises(UserError) as raised:
+        Program(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ") and fragment.format(size=human_bytes(path.stat().st_size)) in message
+    assert capsys.readouterr().err == ""  # folded into the one line, not printed beside it
