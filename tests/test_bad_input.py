@@ -231,6 +231,22 @@ def test_generate_refuses_a_temperature_that_is_not_a_finite_number(programs, va
     assert result.returncode == 2 and "finite --temperature" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_sigint_during_generation_exits_130_with_one_line(programs):
+    """Ctrl-C while tokens stream: the fixed program slides its window with no end in sight (its
+    greedy text runs past 1500 tokens without a stop token), so the signal lands mid-generation."""
+    process = subprocess.Popen([sys.executable, str(REPO / "generate.py"), str(programs.get("e2b", "--dtype", "fp32")),
+                                "--prompt", "Hello", "--max-new-tokens", "100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    streamed = process.stdout.read(1)  # the first token's text has been printed
+    process.send_signal(signal.SIGINT)
+    streamed += process.stdout.read()
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 130 and streamed, stderr
+    assert "Traceback" not in stderr and "[prefill" not in stderr  # it did not end by itself
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "error: interrupted (Ctrl-C); no partial file was left"]
+
+
 def _replayed_load_failure(monkeypatch, where: str, failure: BaseException, log_lines: tuple[str, ...] = ()):
     """Make loading fail as ExecuTorch 1.4.1 does (measured: out of memory under a lowered
     RLIMIT_AS, a kernel missing from the runtime): it writes its log lines to sys.stderr (its
@@ -283,3 +299,35 @@ def test_a_program_that_cannot_be_loaded_is_one_line(programs, monkeypatch, caps
     message = str(raised.value)
     assert message.startswith(f"{path}: ") and fragment.format(size=human_bytes(path.stat().st_size)) in message
     assert capsys.readouterr().err == ""  # folded into the one line, not printed beside it
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 64 KiB filesystem (tmpfs; mounting needs root)."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); "
+                    "test_program_and_tokenizer_are_written_together_or_not_at_all simulates the full disk instead")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_disk_full_while_writing_the_program_keeps_the_previous_files(programs, small_filesystem):
+    """A real program (1.6 MB) written to a filesystem of 64 KiB: the kernel's ENOSPC, not a
+    simulated one. The previous export stays whole and its space is not taken by a temporary."""
+    program, tokenizer = small_filesystem / "m.pte", small_filesystem / "m.tokenizer.json"
+    program.write_bytes(b"previous program")
+    tokenizer.write_bytes(b"previous tokenizer")
+    free = os.statvfs(small_filesystem).f_bfree
+    new = programs.get("e2b", "--dtype", "fp32")
+    with pytest.raises(UserError) as raised:
+        lowering.write_together({program: _write(new.read_bytes()), tokenizer: _write(b"new tokenizer")})
+    assert str(raised.value) == (f"cannot write {program}: No space left on device; free some space or choose "
+                                 "another --output (nothing was written)")
+    assert program.read_bytes() == b"previous program" and tokenizer.read_bytes() == b"previous tokenizer"
+    assert sorted(p.name for p in small_filesystem.iterdir()) == ["m.pte", "m.tokenizer.json"]
+    assert os.statvfs(small_filesystem).f_bfree == free
