@@ -8,12 +8,10 @@ instantiated and only text weights are read, so ``timm`` is not needed.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 from safetensors import SafetensorError
 from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 from transformers.modeling_utils import local_torch_dtype
@@ -84,22 +82,17 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
         model.model.norm.weight.mul_(4.0)
 
 
-@contextlib.contextmanager
-def _parameters_on_meta():
-    """Modules built inside get their parameters on the meta device (no memory), their buffers for
-    real: what is computed at construction without the weights."""
-    register = nn.Module.register_parameter
-
-    def on_meta(module, name, parameter):
-        if parameter is not None:
-            parameter = nn.Parameter(parameter.to("meta"), parameter.requires_grad)
-        register(module, name, parameter)
-
-    nn.Module.register_parameter = on_meta
-    try:
-        yield
-    finally:
-        nn.Module.register_parameter = register
+def constructed_buffers(config: Gemma3nTextConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The buffers a model built in ``dtype`` computes at construction, got as transformers gets
+    them when it loads a checkpoint: the model is built on the meta device (no memory for the
+    weights), then only its buffers get storage, filled by the model's own initialisation."""
+    with local_torch_dtype(dtype), torch.device("meta"):
+        reference = Gemma3nForCausalLM(config)
+    for name, buffer in list(reference.named_buffers()):
+        owner, _, attribute = name.rpartition(".")
+        reference.get_submodule(owner)._buffers[attribute] = torch.empty_like(buffer, device="cpu")
+    reference.initialize_weights()  # on the meta parameters it writes nothing
+    return dict(reference.named_buffers())
 
 
 def cast_(model: Gemma3nForCausalLM, dtype: torch.dtype) -> None:
@@ -112,8 +105,7 @@ def cast_(model: Gemma3nForCausalLM, dtype: torch.dtype) -> None:
     for parameter in model.parameters():
         if type(parameter.data) is torch.Tensor and parameter.is_floating_point():
             parameter.data = parameter.data.to(dtype)
-    with local_torch_dtype(dtype), _parameters_on_meta():
-        constructed = dict(Gemma3nForCausalLM(model.config).named_buffers())
+    constructed = constructed_buffers(model.config, dtype)
     for name, buffer in list(model.named_buffers()):
         if buffer.is_floating_point():
             owner, _, attribute = name.rpartition(".")

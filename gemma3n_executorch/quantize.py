@@ -62,10 +62,11 @@ def in_row_blocks(module: nn.Module, dtype: torch.dtype, quantize_one) -> None:
         quantize_one(piece)
         pieces.append(piece.weight)
     first = pieces[0]
+    # torchao 0.18 implements no torch.cat for its tensor: its constructor, by keyword as its from_hp calls it.
     joined = first.data if len(pieces) == 1 else IntxUnpackedToInt8Tensor(
-        torch.cat([p.qdata for p in pieces]), torch.cat([p.scale for p in pieces]),
-        torch.cat([p.zero_point for p in pieces]), first.target_dtype, first.block_size, first.dtype,
-        first.activation_quantization)
+        qdata=torch.cat([p.qdata for p in pieces]), scale=torch.cat([p.scale for p in pieces]),
+        zero_point=torch.cat([p.zero_point for p in pieces]), target_dtype=first.target_dtype,
+        block_size=first.block_size, dtype=first.dtype, activation_quantization=first.activation_quantization)
     module.weight = nn.Parameter(joined, requires_grad=False)
 
 

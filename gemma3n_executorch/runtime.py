@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import io
+import re
+import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -11,7 +15,50 @@ from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  kernel
 from . import preflight
 from .options import KV
 from .metadata import PREFIX, ProgramInfo
-from .progress import UserError
+from .progress import UserError, human_bytes
+
+# ExecuTorch's Python bindings send the runtime's log to sys.stderr while each of their calls runs
+# (pybind11's stream redirect), with no level switch: the minimum level (Info) is fixed when the
+# library is built. The thread pool, created by the first call that needs it (loading an XNNPACK
+# method, or the first run of a portable one), probes for performance cores
+# (extension/threadpool/cpuinfo_utils.cpp) and reports at Info level the ARM identification files
+# it could not read: five lines on any x86 machine. Those are dropped; any other line is kept.
+THREAD_POOL_NOTES = re.compile(r"\[cpuinfo_utils\.cpp:\d+\] (Reading file |Failed to open midr file |CPU info and manual "
+                               r"query|Number of efficient cores|Total number of cores must be larger)")
+# How the runtime says it ran out of memory (measured under a lowered RLIMIT_AS): XNNPACK cannot
+# allocate its packed weights, the program cannot be mapped, an allocation failed.
+OUT_OF_MEMORY = re.compile(r"xnn_status_out_of_memory|Failed to map|MemoryAllocationFailed")
+LOG_LINE_PREFIX = re.compile(r"^\[[\w.]+:\d+\] ")
+
+
+class RuntimeLog(io.TextIOBase):
+    """What the runtime writes to sys.stderr during a call, shown when the call returns."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def take_lines(self) -> list[str]:
+        """The lines worth showing; taken, they are not shown again."""
+        lines = [line for line in self.text.splitlines() if line.strip() and not THREAD_POOL_NOTES.match(line)]
+        self.text = ""
+        return lines
+
+
+@contextmanager
+def runtime_log():
+    log, shown = RuntimeLog(), sys.stderr
+    try:
+        sys.stderr = log
+        yield log
+    finally:
+        sys.stderr = shown
+        for line in log.take_lines():
+            print(line, file=shown)
 
 
 class Program:
@@ -22,20 +69,29 @@ class Program:
 
         self.path = Path(path)
         preflight.check_program_file(self.path)
-        try:
-            self._program = Runtime.get().load_program(self.path, verification=Verification.InternalConsistency)
-        except MemoryError:
-            raise UserError(f"{self.path}: not enough memory to load it ({self.path.stat().st_size / 1e9:.2f} GB); "
-                            "close other programs or export a smaller one (--quantize 8da4w)") from None
-        except RuntimeError as error:
-            raise UserError(f"{self.path}: the ExecuTorch runtime cannot load it ({error}); re-export it") from None
-        self.method_names = sorted(self._program.method_names)
-        missing = [name for name in ProgramInfo.method_names() if name not in self.method_names]
-        if missing:
-            raise UserError(f"{self.path}: no {missing[0]} metadata; it was not exported by this tool")
-        self.info = ProgramInfo(**{name[len(PREFIX):]: self.constant(name) for name in ProgramInfo.method_names()})
-        self._forward = self._program.load_method("forward")
+        with runtime_log() as log:
+            try:
+                self._program = Runtime.get().load_program(self.path, verification=Verification.InternalConsistency)
+                self.method_names = sorted(self._program.method_names)
+                missing = [name for name in ProgramInfo.method_names() if name not in self.method_names]
+                if missing:
+                    raise UserError(f"{self.path}: no {missing[0]} metadata; it was not exported by this tool")
+                self.info = ProgramInfo(**{name[len(PREFIX):]: self.constant(name)
+                                           for name in ProgramInfo.method_names()})
+                self._forward = self._program.load_method("forward")  # XNNPACK packs its weights here
+            except (MemoryError, RuntimeError) as error:
+                raise self.load_error(error, log.take_lines()) from None
         self.position = 0  # kv mode: tokens already in the cache
+
+    def load_error(self, error: Exception, runtime_log: list[str]) -> UserError:
+        """One line for a failed load: the runtime's first line says why, the rest how it propagated."""
+        cause = LOG_LINE_PREFIX.sub("", runtime_log[0]) if runtime_log else ""
+        if isinstance(error, MemoryError) or any(OUT_OF_MEMORY.search(line) for line in runtime_log):
+            return UserError(f"{self.path}: not enough memory to load it ({human_bytes(self.path.stat().st_size)}"
+                             f"{'; ' + cause if cause else ''}); close other programs, or export a smaller one "
+                             "(--quantize 8da4w, a shorter --max-context-length)")
+        return UserError(f"{self.path}: the ExecuTorch runtime cannot load it ({error}{': ' + cause if cause else ''}); "
+                         "re-export it")
 
     def constant(self, name: str):
         values = self._program.load_method(name).execute([])
@@ -53,9 +109,13 @@ class Program:
             raise UserError(f"token id {bad} is outside the program's vocabulary (0..{self.info.vocab_size - 1}); "
                             "use the tokenizer exported with this program")
 
+    def execute(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
+        with runtime_log():
+            return self._forward.execute(inputs)
+
     def forward_fixed(self, input_ids: torch.Tensor) -> torch.Tensor:
         self.check_token_ids(input_ids)
-        return self._forward.execute([input_ids])[0]
+        return self.execute([input_ids])[0]
 
     def reset(self) -> None:
         """Start a new sequence. The cache needs no clearing: every position is written before it is read."""
@@ -75,7 +135,7 @@ class Program:
             chunk = tokens[start:start + self.info.seq_len]
             ids = torch.tensor([chunk], dtype=torch.long)
             positions = torch.arange(self.position, self.position + len(chunk), dtype=torch.long)
-            logits = self._forward.execute([ids, positions])[0]
+            logits = self.execute([ids, positions])[0]
             self.position += len(chunk)
         return logits.reshape(-1)
 

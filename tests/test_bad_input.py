@@ -229,3 +229,105 @@ def test_validate_tokens_zero_is_a_usage_error(programs):
 def test_generate_refuses_a_temperature_that_is_not_a_finite_number(programs, value):
     result = run("generate.py", str(programs.get("e2b")), "--prompt", "Hi", "--temperature", value)
     assert result.returncode == 2 and "finite --temperature" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sigint_during_generation_exits_130_with_one_line(programs):
+    """Ctrl-C while tokens stream: the fixed program slides its window with no end in sight (its
+    greedy text runs past 1500 tokens without a stop token), so the signal lands mid-generation."""
+    process = subprocess.Popen([sys.executable, str(REPO / "generate.py"), str(programs.get("e2b", "--dtype", "fp32")),
+                                "--prompt", "Hello", "--max-new-tokens", "100000"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+    streamed = process.stdout.read(1)  # the first token's text has been printed
+    process.send_signal(signal.SIGINT)
+    streamed += process.stdout.read()
+    stderr = process.stderr.read().decode()
+    assert process.wait() == 130 and streamed, stderr
+    assert "Traceback" not in stderr and "[prefill" not in stderr  # it did not end by itself
+    assert [line for line in stderr.splitlines() if line.strip()] == [
+        "error: interrupted (Ctrl-C); no partial file was left"]
+
+
+def _replayed_load_failure(monkeypatch, where: str, failure: BaseException, log_lines: tuple[str, ...] = ()):
+    """Make loading fail as ExecuTorch 1.4.1 does (measured: out of memory under a lowered
+    RLIMIT_AS, a kernel missing from the runtime): it writes its log lines to sys.stderr (its
+    bindings route the runtime's log there), then raises. ``where``: the executorch.runtime
+    method that fails."""
+    import executorch.runtime
+
+    owner = executorch.runtime.Runtime if where == "load_program" else executorch.runtime.Program
+    original = getattr(owner, where)
+
+    def failing(self, name, *args, **kwargs):
+        if where == "load_program" or name == "forward":
+            sys.stderr.write("".join(line + "\n" for line in log_lines))
+            raise failure
+        return original(self, name, *args, **kwargs)
+
+    monkeypatch.setattr(owner, where, failing)
+
+
+@pytest.mark.parametrize("where, failure, log_lines, fragment", [
+    ("load_program", MemoryError(), (), "not enough memory to load it ({size}); close other programs"),
+    ("load_program", RuntimeError("Failed to load program, error: 0x:22"),
+     ("[mmap_data_loader.cpp:211] Failed to map m.pte: mmap(..., size=4096, ..., fd=3, offset=0x0)",),
+     "not enough memory to load it ({size}; Failed to map m.pte: mmap("),
+    ("load_method", RuntimeError("Failed to load method forward, error: 0x:1"),
+     ("[XNNCompiler.cpp:2230] XNN Runtime creation failed with code: xnn_status_out_of_memory",
+      "[XNNPACKBackend.cpp:143] XNNCompiler::compileModel failed: 0x1",
+      "[method.cpp:128] Init failed for backend XnnpackBackend: 0x1"),
+     "not enough memory to load it ({size}; XNN Runtime creation failed with code: xnn_status_out_of_memory)"),
+    ("load_method", RuntimeError("Failed to load method forward, error: 0x:14"),
+     ("[operator_registry.cpp:277] kernel 'quantized_decomposed::embedding_4bit.out' not found.",
+      "[operator_registry.cpp:278] dtype: 0 | dim order: [",
+      "[method.cpp:819] Missing operator: [9] quantized_decomposed::embedding_4bit.out",
+      "[method.cpp:1125] There are 16 instructions don't have corresponding operator registered. See logs for details"),
+     "the ExecuTorch runtime cannot load it (Failed to load method forward, error: 0x:14: kernel "
+     "'quantized_decomposed::embedding_4bit.out' not found.); re-export it"),
+], ids=["bad-alloc", "mmap", "xnnpack", "missing-kernel"])
+def test_a_program_that_cannot_be_loaded_is_one_line(programs, monkeypatch, capsys, where, failure, log_lines,
+                                                      fragment):
+    """Loading the forward method (XNNPACK out of memory, a missing kernel) raised a bare
+    RuntimeError, a traceback; a program that could not be mapped was to be re-exported; the
+    runtime's own lines went out beside the error."""
+    from gemma3n_executorch.progress import human_bytes
+    from gemma3n_executorch.runtime import Program
+
+    path = programs.get("e2b", "--dtype", "fp32")
+    _replayed_load_failure(monkeypatch, where, failure, log_lines)
+    with pytest.raises(UserError) as raised:
+        Program(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: ") and fragment.format(size=human_bytes(path.stat().st_size)) in message
+    assert capsys.readouterr().err == ""  # folded into the one line, not printed beside it
+
+
+@pytest.fixture
+def small_filesystem(tmp_path):
+    """A real 64 KiB filesystem (tmpfs; mounting needs root)."""
+    directory = tmp_path / "small"
+    directory.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(directory)], capture_output=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.decode().strip()}); "
+                    "test_program_and_tokenizer_are_written_together_or_not_at_all simulates the full disk instead")
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", str(directory)], check=True)
+
+
+def test_disk_full_while_writing_the_program_keeps_the_previous_files(programs, small_filesystem):
+    """A real program (1.6 MB) written to a filesystem of 64 KiB: the kernel's ENOSPC, not a
+    simulated one. The previous export stays whole and its space is not taken by a temporary."""
+    program, tokenizer = small_filesystem / "m.pte", small_filesystem / "m.tokenizer.json"
+    program.write_bytes(b"previous program")
+    tokenizer.write_bytes(b"previous tokenizer")
+    free = os.statvfs(small_filesystem).f_bfree
+    new = programs.get("e2b", "--dtype", "fp32")
+    with pytest.raises(UserError) as raised:
+        lowering.write_together({program: _write(new.read_bytes()), tokenizer: _write(b"new tokenizer")})
+    assert str(raised.value) == (f"cannot write {program}: No space left on device; free some space or choose "
+                                 "another --output (nothing was written)")
+    assert program.read_bytes() == b"previous program" and tokenizer.read_bytes() == b"previous tokenizer"
+    assert sorted(p.name for p in small_filesystem.iterdir()) == ["m.pte", "m.tokenizer.json"]
+    assert os.statvfs(small_filesystem).f_bfree == free

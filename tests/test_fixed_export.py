@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -92,12 +95,15 @@ def test_export_cli_defaults_and_progress(programs):
 
 
 def test_export_cli_runs_from_inside_its_folder(tiny_models, tmp_path):
-    """Exported from inside e4b/ (e2b/: test_patches.py's reproducibility export): an E4B program
-    that computes what Hugging Face does."""
+    """Exported from inside e4b/ with an --output relative to it (e2b/: test_patches.py's
+    reproducibility export): an E4B program where the user's path says, that computes what
+    Hugging Face does."""
     output = tmp_path / "inside.pte"
-    result = run("e4b/export.py", "--model", "tiny", "--dtype", "fp32", "--seq-len", "8", "--output", str(output),
+    relative = os.path.relpath(output, REPO / "e4b")
+    result = run("e4b/export.py", "--model", "tiny", "--dtype", "fp32", "--seq-len", "8", "--output", relative,
                  cwd=REPO / "e4b")
     assert result.returncode == 0, result.stderr[-2000:]
+    assert not Path(relative).is_absolute() and output.is_file()
     program = Program(output)
     assert (program.info.variant, program.info.seq_len) == ("E4B", 8)
     ids = probe_batches(8, 512, windows=1)[0]

@@ -4,8 +4,10 @@ ExecuTorch's stock LLM runner."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -178,16 +180,38 @@ def until_stop(tokens: list[int], limit: int) -> list[int]:
     return tokens[:min(stop, limit)]
 
 
+TIMING = re.compile(r"\n\[prefill (\d+) tokens at ([\d.]+) tok/s, decode (\d+) tokens at ([\d.]+) tok/s, "
+                    r"time to first token ([\d.]+) s\]\n")
+
+
 def test_generate_cli_streams_text_and_timing(programs, tiny_models):
-    """The streamed text is the decode of Hugging Face's own greedy tokens for the chat prompt."""
+    """The streamed text is the decode of Hugging Face's own greedy tokens for the chat prompt, and
+    stderr holds the timing line alone: the prompt's token count, one decode step per token after
+    the first (one more when a stop token ended the reply), rates and a first-token time that the
+    run's own duration bounds."""
     path = programs.get("e2b", *KV_FLAGS)
     tokenizer = load_tokenizer(tokenizer_path_for(path))
     prompt = gemma_prompt_ids(tokenizer, "Hello")
-    expected = until_stop(parity.eager_greedy(tiny_models("e2b"), prompt, 20), 20)
-    result = run("generate.py", str(path), "--prompt", "  Hello\n", "--max-new-tokens", "20")  # trimmed as Gemma does
+    limit = 20
+    expected = until_stop(parity.eager_greedy(tiny_models("e2b"), prompt, limit), limit)
+    started = time.perf_counter()
+    result = run("generate.py", str(path), "--prompt", "  Hello\n", "--max-new-tokens", str(limit))  # trimmed as Gemma does
+    elapsed = time.perf_counter() - started
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout == tokenizer.decode(expected, skip_special_tokens=False) and len(expected) > 3
-    assert f"prefill {len(prompt)} tokens at" in result.stderr and "time to first token" in result.stderr
+    timing = TIMING.fullmatch(result.stderr)
+    assert timing, result.stderr
+    prefill_tokens, prefill_rate, decode_steps, decode_rate, first_token = timing.groups()
+    assert int(prefill_tokens) == len(prompt)
+    assert int(decode_steps) == (len(expected) - 1 if len(expected) == limit else len(expected))
+    assert float(prefill_rate) > 0 and float(decode_rate) > 0 and 0 < float(first_token) < elapsed
+
+
+def test_generate_prints_nothing_of_the_runtime_on_stderr(programs):
+    """ExecuTorch's thread pool reported five Info lines about ARM registers on every XNNPACK run
+    ([cpuinfo_utils.cpp:71] Reading file /sys/devices/soc0/image_version, ...)."""
+    result = run("generate.py", str(programs.get("e2b", *PHONE_FLAGS)), "--prompt", "Hello", "--max-new-tokens", "4")
+    assert result.returncode == 0 and TIMING.fullmatch(result.stderr), result.stderr
 
 
 def test_generate_cli_system_prompt_is_folded_into_the_first_turn(programs, tiny_models):

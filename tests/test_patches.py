@@ -82,7 +82,7 @@ def test_unified_diff_applies_to_installed_source(tmp_path):
 def test_same_checkpoint_and_options_give_the_same_bytes(tmp_path):
     """Two exports under string-hash seeds that order set(layer_types) differently (checked here,
     so the test cannot pass vacuously) must write identical programs. The second runs from inside
-    e2b/, as a user may (test_fixed_export.py does it for e4b/)."""
+    e2b/ with an --output relative to it, as a user may (test_fixed_export.py does it for e4b/)."""
     orders = set()
     for seed, cwd in (("0", REPO), ("1", REPO / "e2b")):
         env = dict(os.environ, PYTHONHASHSEED=seed)
@@ -90,7 +90,7 @@ def test_same_checkpoint_and_options_give_the_same_bytes(tmp_path):
                                env=env, capture_output=True, text=True).stdout
         orders.add(order)
         subprocess.run([sys.executable, str(REPO / "e2b" / "export.py"), "--model", "tiny", "--dtype", "fp32",
-                        "--seq-len", "8", "--output", str(tmp_path / f"seed{seed}.pte")],
+                        "--seq-len", "8", "--output", os.path.relpath(tmp_path / f"seed{seed}.pte", cwd)],
                        env=env, cwd=cwd, check=True, capture_output=True)
     assert len(orders) == 2
     assert (tmp_path / "seed0.pte").read_bytes() == (tmp_path / "seed1.pte").read_bytes()

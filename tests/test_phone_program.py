@@ -157,8 +157,10 @@ def test_row_block_quantization_equals_whole_matrix(kind):
     whole, blocks = module(torch.float32), module(torch.bfloat16)
     quantize_one(whole)
     quantize.in_row_blocks(blocks, torch.float32, quantize_one)
-    assert torch.equal(whole.weight.qdata, blocks.weight.qdata)
-    assert torch.equal(whole.weight.scale, blocks.weight.scale)
+    for name in type(whole.weight).tensor_data_names:  # qdata, scale, zero_point
+        assert torch.equal(getattr(whole.weight, name), getattr(blocks.weight, name)), name
+    for name in type(whole.weight).tensor_attribute_names:  # bit width, block size, dtype, activations
+        assert getattr(whole.weight, name) == getattr(blocks.weight, name), name
     assert not torch.equal(whole.weight.dequantize(), weight)  # it really is quantized
 
 
