@@ -21,6 +21,11 @@ class Tolerance:
     # kv programs: greedy decoding must give eager generate()'s tokens. Only where the logits match
     # to 1e-3: in reduced precision a near-tie between top logits may legitimately flip a token.
     greedy_identical: bool = False
+    # validate.py --perplexity: the most the program's perplexity over a text may differ from
+    # eager's, relatively. Only fp32 without quantization has a fixed bound (measured on the tiny
+    # models, kv and fixed: below 1e-6). Not part of __str__: the probe comparison that prints a
+    # Tolerance measures no perplexity.
+    max_perplexity_change: float | None = None
 
     def __str__(self) -> str:
         bounds = [f"top-1 >= {self.min_top1}"]
@@ -50,7 +55,7 @@ def tolerance_for(dtype: str, quantize: str, embeddings: str = "none", kv_cache:
         # same quantization attending in fp32 at top-1 0.91, and the exported phone program at 0.89.
         return Tolerance(min_top1=0.85, max_relative_l2=0.15)
     if dtype == "fp32" and quantize == "none" and embeddings == "none":
-        return Tolerance(min_top1=0.99, max_abs=1e-3, greedy_identical=True)
+        return Tolerance(min_top1=0.99, max_abs=1e-3, greedy_identical=True, max_perplexity_change=1e-3)
     if quantize == "8da4w" or embeddings != "none":
         # XNNPACK quantizes activations per token with its own rounding, as torchao does eagerly.
         return Tolerance(min_top1=0.90, max_relative_l2=0.15)
