@@ -12,13 +12,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma3n_executorch import parity
+from gemma3n_executorch import checkpoint, parity, quantize
 from gemma3n_executorch.exporter import tokenizer_path_for
 from gemma3n_executorch.generation import load_tokenizer
-from gemma3n_executorch.variants import BOS_ID
+from gemma3n_executorch.variants import BOS_ID, VARIANTS
 from tests.conftest import run
 from tests.test_bad_input import assert_clean_error
-from tests.test_kv_generation import CONTEXT, KV_FLAGS
+from tests.test_kv_generation import CONTEXT, KV_FLAGS, PHONE_FLAGS
 
 # Python source every machine has offline: about 500 tiny-tokenizer tokens, four windows of a
 # 160-position kv program (159 tokens each) and sixteen of a 32-token fixed one, the last ones short.
@@ -82,6 +82,25 @@ def test_fixed_program_is_scored_window_by_window_and_alone_without_a_checkpoint
     assert set(perplexities) == {"program"} and "ratio" not in stdout
     assert relative_change(perplexities["program"], reference) <= parity.tolerance_for("fp32", "none").max_perplexity_change
     assert f"(fixed window, {math.ceil(len(tokens) / 32)} windows of up to 32" in stdout
+
+
+def test_phone_program_has_the_perplexity_of_its_quantization_run_eagerly(programs, tiny_models, text_file):
+    """Tiny E2B only: an E4B phone program would be this file's one export of its own (minutes
+    of XNNPACK lowering); docs/experiment_perplexity_noise.py measures both."""
+    path = programs.get("e2b", *PHONE_FLAGS)
+    tokens = tokens_of(path)
+    eager_quantized = checkpoint.build_tiny(VARIANTS["e2b"])
+    quantize.apply(eager_quantized, "8da4w", "4w", 32, torch.float32)  # the exporter's own quantization
+    quantized = reference_perplexity(eager_quantized, tokens, CONTEXT - 1)
+    fp32 = reference_perplexity(tiny_models("e2b"), tokens, CONTEXT - 1)
+    perplexities, stdout = measured(path, text_file)
+    bound = parity.quantized_perplexity_bound(len(tokens))
+    assert relative_change(perplexities["program"], quantized) <= bound, (perplexities, quantized, bound)
+    # The eager side stays fp32 for a quantized program, and the quantization moves the perplexity
+    # far more than the bound: a program that skipped any of it would fail.
+    assert relative_change(perplexities["eager fp32"], fp32) <= 1e-5
+    assert relative_change(quantized, fp32) > bound
+    assert "no bound is enforced" in stdout
 
 
 @pytest.mark.parametrize("content, fragment", [
