@@ -94,7 +94,7 @@ def test_phone_program_has_the_perplexity_of_its_quantization_run_eagerly(progra
     quantized = reference_perplexity(eager_quantized, tokens, CONTEXT - 1)
     fp32 = reference_perplexity(tiny_models("e2b"), tokens, CONTEXT - 1)
     perplexities, stdout = measured(path, text_file)
-    bound = parity.quantized_perplexity_bound(len(tokens))
+    bound = parity.phone_perplexity_bound(len(tokens))
     assert relative_change(perplexities["program"], quantized) <= bound, (perplexities, quantized, bound)
     # The eager side stays fp32 for a quantized program, and the quantization moves the perplexity
     # far more than the bound: a program that skipped any of it would fail.
