@@ -154,19 +154,27 @@ def resolve_directory(model: str) -> Path:
         ) from None
 
 
+def read_config(model: str, variant: Variant) -> tuple[Path | None, Gemma3nTextConfig]:
+    """The checkpoint's directory (downloaded when ``model`` is a hub id; None for the tiny model)
+    and its text config, checked against ``variant``: what can be refused before any weight is read."""
+    if model == TINY_MODEL:
+        return None, Gemma3nTextConfig(**variant.tiny_config)
+    directory = resolve_directory(model)
+    config = preflight.text_config(directory)
+    check_variant(model, config, variant)
+    try:
+        return directory, Gemma3nTextConfig.from_dict(config)
+    except (TypeError, ValueError, KeyError) as error:
+        raise UserError(f"--model {model}: config.json is not a valid Gemma 3n text config ({error})") from None
+
+
 def load(model: str, variant: Variant, dtype: torch.dtype | None = None) -> LoadedModel:
     """The text decoder in ``dtype``, or with None as its checkpoint stores it (the published ones:
     bf16), for ``quantize.apply`` to bring to the export dtype one module at a time, so that the
     wider copy (fp32 E4B: 27.5 GB) never exists whole."""
     if model == TINY_MODEL:
         return LoadedModel(build_tiny(variant, dtype or torch.float32), TINY_MODEL, None)
-    directory = resolve_directory(model)
-    config = preflight.text_config(directory)
-    check_variant(model, config, variant)
-    try:
-        text_config = Gemma3nTextConfig.from_dict(config)
-    except (TypeError, ValueError, KeyError) as error:
-        raise UserError(f"--model {model}: config.json is not a valid Gemma 3n text config ({error})") from None
+    directory, text_config = read_config(model, variant)
     if not any(directory.glob("*.safetensors")):
         raise UserError(f"--model {model}: no *.safetensors weights in {directory}")
     verbosity = hf_logging.get_verbosity()

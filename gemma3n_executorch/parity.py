@@ -8,6 +8,7 @@ not by an absolute bound; only fp32 without quantization must match closely.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +22,11 @@ class Tolerance:
     # kv programs: greedy decoding must give eager generate()'s tokens. Only where the logits match
     # to 1e-3: in reduced precision a near-tie between top logits may legitimately flip a token.
     greedy_identical: bool = False
+    # validate.py --perplexity: the most the program's perplexity over a text may differ from
+    # eager's, relatively. Only fp32 without quantization has a fixed bound (measured on the tiny
+    # models, kv and fixed: below 1e-6); the phone recipe: phone_perplexity_bound. Not part of
+    # __str__: the probe comparison that prints a Tolerance measures no perplexity.
+    max_perplexity_change: float | None = None
 
     def __str__(self) -> str:
         bounds = [f"top-1 >= {self.min_top1}"]
@@ -50,7 +56,7 @@ def tolerance_for(dtype: str, quantize: str, embeddings: str = "none", kv_cache:
         # same quantization attending in fp32 at top-1 0.91, and the exported phone program at 0.89.
         return Tolerance(min_top1=0.85, max_relative_l2=0.15)
     if dtype == "fp32" and quantize == "none" and embeddings == "none":
-        return Tolerance(min_top1=0.99, max_abs=1e-3, greedy_identical=True)
+        return Tolerance(min_top1=0.99, max_abs=1e-3, greedy_identical=True, max_perplexity_change=1e-3)
     if quantize == "8da4w" or embeddings != "none":
         # XNNPACK quantizes activations per token with its own rounding, as torchao does eagerly.
         return Tolerance(min_top1=0.90, max_relative_l2=0.15)
@@ -58,6 +64,24 @@ def tolerance_for(dtype: str, quantize: str, embeddings: str = "none", kv_cache:
     # positions (Hugging Face eager attention vs SDPA, both bf16: 0.941 over 256 positions; the
     # exported program vs eager: 0.941 for tiny E2B, 0.965 for tiny E4B), so the bound sits below.
     return Tolerance(min_top1=0.90)
+
+
+# The phone recipe against the same torchao quantization run eagerly, by perplexity. XNNPACK rounds
+# its dynamically quantized activations its own way, and on the random-weight tiny models (which
+# amplify every perturbation) that moves each token's log-likelihood by 0.225 nats RMS, as if at
+# random: measured over 20,751 tokens of Python source, E2B 0.2254 and E4B 0.2243, the perplexity
+# moved by -0.23% and +0.32% in all (docs/experiment_perplexity_noise.py); over the 502 tokens
+# tests/test_perplexity.py scores, by -1.28% and +0.06%. Chance alone thus moves a perplexity over
+# N tokens by about 0.225 / sqrt(N): the issue's 0.5% is a 3-sigma bound only from about 18,000
+# tokens on, more than the test suite can afford to score; a trained model, whose logits the
+# rounding moves far less, should reach it sooner (not measured yet).
+PHONE_NLL_NOISE = 0.225
+
+
+def phone_perplexity_bound(tokens: int) -> float:
+    """Three standard errors of that chance: how far, relatively, the phone program's perplexity
+    over ``tokens`` scored tokens may be from the same quantization's run eagerly."""
+    return math.expm1(3 * PHONE_NLL_NOISE / math.sqrt(tokens))
 
 
 @dataclass(frozen=True)

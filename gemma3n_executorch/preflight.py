@@ -93,6 +93,23 @@ def check_program_file(path: Path) -> None:
             raise UserError(f"{path}: truncated ({path.stat().st_size} of {expected} bytes); re-export it")
 
 
+def read_text(path: Path, flag: str) -> str:
+    """A UTF-8 text file with something in it."""
+    if not path.exists():
+        raise UserError(f"{flag} {path}: no such file")
+    if not path.is_file():
+        raise UserError(f"{flag} {path}: not a file; pass a UTF-8 text file")
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as error:
+        raise UserError(f"{flag} {path}: not UTF-8 text (byte {error.start}); pass a UTF-8 text file") from None
+    except OSError as error:
+        raise UserError(f"{flag} {path}: cannot read it ({error.strerror})") from None
+    if not text.strip():
+        raise UserError(f"{flag} {path}: the file is empty; pass a text of at least 2 tokens")
+    return text
+
+
 EXTENDED_HEADER_END = 40  # the flatbuffer's file identifier, then the extended header's sizes
 
 

@@ -102,3 +102,22 @@ class StageTimer:
     @property
     def total(self) -> float:
         return time.perf_counter() - self.start
+
+
+class Progress:
+    """Counts what a long loop has done and logs it at most every ``interval`` seconds, so that a
+    run of minutes says how far it is and how fast it goes."""
+
+    def __init__(self, what: str, total: int, unit: str, interval: float = 10.0):
+        self.what, self.total, self.unit, self.interval = what, total, unit, interval
+        self.done = 0
+        self.start = self.logged = time.perf_counter()
+
+    def advance(self, amount: int) -> None:
+        self.done += amount
+        now = time.perf_counter()
+        if now - self.logged >= self.interval and self.done < self.total:
+            rate = self.done / (now - self.start)
+            log(f"  {self.what}: {self.done:,} of {self.total:,} {self.unit} ({rate:.1f}/s, "
+                f"about {(self.total - self.done) / rate:.0f} s left)")
+            self.logged = now

@@ -11,6 +11,7 @@ import patches
 
 from . import checkpoint, parity, quantize
 from .checkpoint import TORCH_DTYPES
+from .metadata import ProgramInfo
 from .options import FIXED, KV
 from .progress import UserError
 from .runtime import Program
@@ -52,16 +53,33 @@ def run_program(program: Program, num_tokens: int) -> tuple[list[int], torch.Ten
     return tokens, torch.stack(rows)
 
 
+def check_checkpoint(model: str, info: ProgramInfo) -> None:
+    """Refuse a checkpoint that cannot be the program's from its config alone, before any weight
+    is read (a long run should not end in this error)."""
+    check_vocabulary(model, checkpoint.read_config(model, VARIANTS[info.variant.lower()])[1].vocab_size, info)
+
+
+def check_vocabulary(model: str, vocab_size: int, info: ProgramInfo) -> None:
+    if vocab_size != info.vocab_size:
+        raise UserError(f"--model {model}: vocab {vocab_size} but the program's is {info.vocab_size}; "
+                        "pass the checkpoint the program was exported from")
+
+
+def eager_model(model: str, info: ProgramInfo, linear: str = "none", embeddings: str = "none",
+                dtype: str = "fp32") -> torch.nn.Module:
+    """The checkpoint ``model`` of the program's variant, eagerly, in ``dtype`` with the given
+    torchao quantization (in the program's group size)."""
+    loaded = checkpoint.load(model, VARIANTS[info.variant.lower()])
+    check_vocabulary(model, loaded.config.vocab_size, info)
+    patches.apply(loaded.model)
+    quantize.apply(loaded.model, linear, embeddings, info.group_size, TORCH_DTYPES[dtype])
+    return loaded.model
+
+
 def eager_reference(program: Program, model: str) -> torch.nn.Module:
     """The same checkpoint as the program, eagerly, in the program's dtype and quantization."""
     info = program.info
-    loaded = checkpoint.load(model, VARIANTS[info.variant.lower()])
-    if loaded.config.vocab_size != info.vocab_size:
-        raise UserError(f"--model {model}: vocab {loaded.config.vocab_size} but the program's is {info.vocab_size}; "
-                        "pass the checkpoint the program was exported from")
-    patches.apply(loaded.model)
-    quantize.apply(loaded.model, info.quantize, info.embeddings, info.group_size, TORCH_DTYPES[info.dtype])
-    return loaded.model
+    return eager_model(model, info, info.quantize, info.embeddings, info.dtype)
 
 
 def first_difference(a: list[int], b: list[int]) -> int | None:
