@@ -93,9 +93,11 @@ def check_program_file(path: Path) -> None:
             raise UserError(f"{path}: truncated ({path.stat().st_size} of {expected} bytes); re-export it")
 
 
-EXTENDED_HEADER_END = 40  # the flatbuffer's file identifier, then the extended header's sizes
-
-
 def flatbuffer_size(head: bytes) -> int | None:
     """Bytes of the program's flatbuffer (the segments follow it), from the extended header."""
     return struct.unpack_from("<Q", head, 16)[0] if head[8:12] == EXTENDED_HEADER_MAGIC else None
+
+
+def segment_base_offset(head: bytes) -> int:
+    """Where the segments start in the file (their offsets count from here); 0 without segments."""
+    return struct.unpack_from("<Q", head, 24)[0] if head[8:12] == EXTENDED_HEADER_MAGIC else 0
