@@ -29,6 +29,9 @@ class Program:
                             "close other programs or export a smaller one (--quantize 8da4w)") from None
         except RuntimeError as error:
             raise UserError(f"{self.path}: the ExecuTorch runtime cannot load it ({error}); re-export it") from None
+        # The gathered tables are read one row per token: without this advice the kernel reads
+        # and maps around every row (program_file.advise_random_access).
+        program_file.advise_random_access(self.path)
         self.method_names = sorted(self._program.method_names)
         missing = [name for name in ProgramInfo.method_names() if name not in self.method_names]
         if missing:
