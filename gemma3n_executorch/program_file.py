@@ -149,7 +149,7 @@ def layout(path: Path) -> Layout:
     blobs = [segments[d.processed.index] for d in plan.delegates if d.processed.location == DataLocation.SEGMENT]
     return Layout(
         file_bytes=Path(path).stat().st_size, flatbuffer=ByteRange(0, flatbuffer_bytes), constant_segment=constant,
-        delegate_blobs=blobs, named_data=[segments[n.segment_index] for n in program.named_data],
+        delegate_blobs=blobs, named_data=[segments[n.segment_index] for n in program.named_data or []],
         tables=dict(zip(TABLE_NAMES, tables)), initialized_state_bytes=initialized,
         segment_alignment=_alignment([s.start for s in segments]),
     )
