@@ -24,6 +24,13 @@ this machine's memory read bandwidth (a short probe), so decode can be set again
 and arguments; with --export-only a run only exports (so exports can run while the machine is
 busy, and the timing later, alone: the export records then say what they were measured beside).
 
+Memory as a phone app pays it: --memory-probe also runs every program through ExecuTorch's stock
+runner (TextLLMRunner), as it loads it and with the random-access advice the README gives apps,
+and through this project's runtime, each in a process that cannot mlock (as an Android app
+cannot), on a prompt of --probe-prompt random ids over the whole vocabulary (default: the context
+less --new-tokens) with --new-tokens decoded after it; each record gets a "memory" entry per
+probe (gemma3n_executorch/memory_probe.py says what is measured, docs/make_memory.py tables it).
+
 Every export and every measurement runs in its own process, so peak memory is its own. Each
 record: pte_bytes, load_s, prefill_tok_s (the mean of --repeats warm prefills, as llama-bench
 times them), prefill_first_tok_s and ttft_s (the first prefill after loading), decode_tok_s, run_peak_rss_bytes,
@@ -387,35 +394,34 @@ def machine() -> str:
             f"{platform.python_implementation()} {platform.python_version()}")
 
 
-def source_commit() -> str:
-    """The commit the figures come from, '+changes' when the tree differs from it."""
-    here = Path(__file__).resolve().parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
-                                text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown (not a git checkout)"
-    return commit + ("+changes" if dirty else "")
+def probe_prompt_tokens(args, context_len: int) -> int:
+    """--probe-prompt, or what the context leaves after --new-tokens; refused if they do not fit."""
+    tokens = args.probe_prompt or context_len - args.new_tokens
+    if tokens + args.new_tokens > context_len:
+        raise UserError(f"--probe-prompt {tokens} and --new-tokens {args.new_tokens} need {tokens + args.new_tokens} "
+                        f"positions; the program holds {context_len}: lower them or raise --max-context-length")
+    return tokens
 
 
-def exported(args, name: str, output: Path) -> dict:
-    """Export ``name`` to ``output``, or with --keep-programs reuse the program an earlier run left
-    there from the same commit and arguments (its export record is kept beside it): exports can
-    then run while the machine is busy, and the timing later, on a quiet machine."""
-    record_path = output.with_suffix(".export.json")
-    key = {"commit": source_commit(), "variant": args.variant, "model": args.model, "layers": args.layers,
-           "max_seq_length": args.max_seq_length, "max_context_length": args.max_context_length}
-    if args.keep_programs and output.exists() and record_path.exists():
-        kept = json.loads(record_path.read_text())
-        if kept.pop("key") == key and not key["commit"].endswith("+changes"):
-            log(f"   reusing {output} (exported earlier from the same commit and arguments)")
-            return kept
-    record = spawn("export", args, config=name, output=output)
-    if args.keep_programs:
-        record_path.write_text(json.dumps(dict(record, key=key)))
-    return record
+def memory_probes(args, program: Path, context_len: int, work: Path) -> dict:
+    from gemma3n_executorch import memory_probe
+
+    tokens = probe_prompt_tokens(args, context_len)
+    figures = {}
+    for probe in memory_probe.PROBES:
+        log(f"   memory probe {probe}: {tokens}-token prompt, {args.new_tokens} new tokens, mlock unavailable")
+        figures[probe] = memory_probe.measure(probe, program, tokens, args.new_tokens, args.probe_step, work)
+        last = figures[probe]["phases"][-1]
+        log(f"   {probe}: peak {figures[probe]['peak_rss_bytes'] / 2**30:.2f} GiB above the interpreter; after decode "
+            f"anon {last['anon'] / 2**30:.2f}, file {last['file'] / 2**30:.2f} GiB; tables resident "
+            + ", ".join(f"{name} {value / 1e6:.1f} MB" for name, value in last["tables_resident"].items()))
+    return figures
+
+
+def memory_environment(args) -> dict:
+    from gemma3n_executorch import memory_probe
+
+    return dict(memory_probe.environment(Path(args.work_dir or tempfile.gettempdir())), step=args.probe_step)
 
 
 def run_all(args) -> list[dict]:
@@ -445,6 +451,8 @@ def run_all(args) -> list[dict]:
                 if not args.export_only:
                     record.update(spawn("run-program", args, config=name, output=output, logits=saved))
                     logits[name] = saved
+                    if args.memory_probe:
+                        record["memory"] = memory_probes(args, output, options.context_len, Path(work) / name)
                 record["options"] = {k: v for k, v in vars(options).items() if k not in ("model", "mode")}
                 if not args.keep_programs:
                     output.unlink()
@@ -512,6 +520,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-logit-error", dest="logit_error", action="store_false",
                         help="skip the error columns: their reference is eager fp32 in memory (18 GB for full-depth "
                              "E2B), and at full depth random weights make them meaningless anyway")
+    parser.add_argument("--memory-probe", action="store_true",
+                        help="also measure each program's resident memory through ExecuTorch's stock runner and this "
+                             "project's runtime with mlock unavailable, as on a phone")
+    parser.add_argument("--probe-prompt", type=int,
+                        help="--memory-probe: prompt tokens (default: the context less --new-tokens)")
+    parser.add_argument("--probe-step", type=int, default=1000,
+                        help="--memory-probe: prompt tokens between snapshots (default 1000)")
     parser.add_argument("--json", type=Path, help="write the records here")
     parser.add_argument("--work-dir", help="where the programs are written while measured, created if missing "
                                            "(default: the temp dir)")
@@ -530,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--prompt-len and --new-tokens must be at least 2")
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
+    if (args.probe_prompt is not None and args.probe_prompt < 2) or args.probe_step < 1:
+        parser.error("--probe-prompt must be at least 2 and --probe-step at least 1")
     if args.child:
         Path(args.result).write_text(json.dumps(CHILDREN[args.child](args)))
         return 0
@@ -541,7 +558,13 @@ def main(argv: list[str] | None = None) -> int:
             if name == LLAMA_CPP:
                 check_llama_cpp(args)
             elif name not in EAGER:
-                parse_config(name, args.model, args.max_seq_length, args.max_context_length)
+                options = parse_config(name, args.model, args.max_seq_length, args.max_context_length)
+                if args.memory_probe:
+                    probe_prompt_tokens(args, options.context_len)
+        if args.memory_probe:
+            from gemma3n_executorch.memory_probe import without_mlock
+
+            without_mlock([])  # refuses at once where CAP_IPC_LOCK cannot be dropped
         if args.json:
             from gemma3n_executorch.preflight import check_output
 
@@ -562,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     records = run_all(args)
     report = {"variant": args.variant, "model": args.model, "layers": args.layers, "prompt_len": args.prompt_len,
               "new_tokens": args.new_tokens, "long_prompt": args.long_prompt, "depths": args.depths,
+              "memory_probe": args.memory_probe and memory_environment(args),
               "read_bandwidth_bytes_s": bandwidth, "machine": machine(), "commit": source_commit(), "seconds": time.perf_counter() - began,
               "records": records}
     if args.json:

@@ -24,6 +24,7 @@ from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
+from . import program_file
 from .progress import UserError, log
 
 
@@ -152,10 +153,8 @@ def lower(program: torch.export.ExportedProgram, backend: str, constant_methods:
 
 
 def planned_bytes(program) -> int:
-    """The memory ExecuTorch's planner reserves for ``forward``: activations and the KV caches (the
-    runtime allocates it at load time; buffer 0 is reserved and empty)."""
-    plan = next(p for p in program.executorch_program.execution_plan if p.name == "forward")
-    return sum(plan.non_const_buffer_sizes)
+    """The planned memory of a lowered program (program_file.planned_bytes)."""
+    return program_file.planned_bytes(program.executorch_program)
 
 
 def delegation_report(graph_module: torch.fx.GraphModule) -> dict:

@@ -110,9 +110,11 @@ def read_text(path: Path, flag: str) -> str:
     return text
 
 
-EXTENDED_HEADER_END = 40  # the flatbuffer's file identifier, then the extended header's sizes
-
-
 def flatbuffer_size(head: bytes) -> int | None:
     """Bytes of the program's flatbuffer (the segments follow it), from the extended header."""
     return struct.unpack_from("<Q", head, 16)[0] if head[8:12] == EXTENDED_HEADER_MAGIC else None
+
+
+def segment_base_offset(head: bytes) -> int:
+    """Where the segments start in the file (their offsets count from here); 0 without segments."""
+    return struct.unpack_from("<Q", head, 24)[0] if head[8:12] == EXTENDED_HEADER_MAGIC else 0

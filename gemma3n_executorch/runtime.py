@@ -12,7 +12,7 @@ import torch
 import executorch.kernels.quantized  # noqa: F401  kernels for the quantized embeddings
 from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  kernels for llama::update_cache, custom_sdpa
 
-from . import preflight
+from . import preflight, program_file
 from .options import KV
 from .metadata import PREFIX, ProgramInfo
 from .progress import UserError, human_bytes
@@ -72,6 +72,9 @@ class Program:
         with runtime_log() as log:
             try:
                 self._program = Runtime.get().load_program(self.path, verification=Verification.InternalConsistency)
+                # The gathered tables are read one row per token: without this advice the kernel reads
+                # and maps around every row (program_file.advise_random_access).
+                program_file.advise_random_access(self.path)
                 self.method_names = sorted(self._program.method_names)
                 missing = [name for name in ProgramInfo.method_names() if name not in self.method_names]
                 if missing:
@@ -142,11 +145,4 @@ class Program:
     def planned_bytes(self) -> int:
         """The memory the runtime reserves for ``forward`` (activations and KV caches), as the
         program's own memory plan states it (the Python bindings do not expose it)."""
-        from executorch.exir._serialize._flatbuffer_program import _flatbuffer_to_program
-
-        with self.path.open("rb") as file:
-            head = file.read(preflight.EXTENDED_HEADER_END)
-            file.seek(0)
-            program = _flatbuffer_to_program(file.read(preflight.flatbuffer_size(head)))
-        plan = next(p for p in program.execution_plan if p.name == "forward")
-        return sum(plan.non_const_buffer_sizes)
+        return program_file.planned_bytes(program_file.read_program(self.path)[0])

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gemma3n_executorch import checkpoint, lowering, parity, quantize
+from gemma3n_executorch import checkpoint, lowering, memory_probe, parity, quantize
 from gemma3n_executorch.options import PER_CHANNEL
 from gemma3n_executorch.runtime import Program
 from gemma3n_executorch.variants import BOS_ID, VARIANTS
@@ -118,10 +118,11 @@ def test_bench_smoke_records_match_the_contract(tmp_path):
     """bench.py on the tiny model: every record has the contract's keys, and its error column is
     right (the portable fp32 program is the fp32 model; Hugging Face SDPA is eager attention). The
     logits come from decoding after the repeated prefills, so they also check that a re-used cache
-    needs no clearing."""
+    needs no clearing. The memory probes ran with mlock refused and saw the whole prompt."""
     out = tmp_path / "bench.json"
     result = run("bench.py", "--variant", "e2b", "--model", "tiny", "--configs", "eager-fp32,portable-fp32",
-                 "--prompt-len", "16", "--new-tokens", "8", "--repeats", "2", "--json", str(out))
+                 "--prompt-len", "16", "--new-tokens", "8", "--repeats", "2", "--memory-probe", "--probe-prompt", "40",
+                 "--probe-step", "20", "--json", str(out))
     assert result.returncode == 0, result.stderr[-3000:]
     records = {r["config"]: r for r in json.loads(out.read_text())["records"]}
     keys = {"config", "pte_bytes", "prefill_tok_s", "decode_tok_s", "ttft_s", "run_peak_rss_bytes",
@@ -132,6 +133,10 @@ def test_bench_smoke_records_match_the_contract(tmp_path):
     assert len(program["prefill_warm_samples_tok_s"]) == 2
     assert program["relative_l2_vs_fp32"] < 1e-5 and program["top1_vs_fp32"] == 1.0
     assert records["eager-fp32"]["relative_l2_vs_fp32"] < 1e-5 and records["eager-fp32"]["pte_bytes"] is None
+    memory = program["memory"]
+    assert set(memory) == set(memory_probe.PROBES) and all(m["mlock"].startswith("refused") for m in memory.values())
+    assert [p["tokens_seen"] for p in memory["stock"]["phases"] if p["phase"] == "prefill"] == [21, 40]
+    assert memory["stock"]["generated_tokens"] > 0 and "memory" not in records["eager-fp32"]
 
 
 @pytest.mark.parametrize("kind", ["embedding", "linear"])

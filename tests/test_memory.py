@@ -1,0 +1,60 @@
+"""What a phone keeps resident of a program: ExecuTorch's stock runner in a process that cannot
+mlock (gemma3n_executorch/memory_probe.py), on a tiny phone program whose vocabulary is large
+enough for its gathered tables to span hundreds of pages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
+
+from gemma3n_executorch import checkpoint, memory_probe, parity, program_file
+from gemma3n_executorch.variants import BOS_ID, VARIANTS
+from tests.checkpoints import write_text_only
+from tests.conftest import run
+from tests.test_kv_generation import PHONE_FLAGS
+
+# 65536 x 64 values at 4 bits: a 2 MiB token embedding and a 3 MiB per-layer table (the tiny
+# model's own 512 rows fit in a few pages, which any prompt touches).
+VOCAB, PER_LAYER_VOCAB = 65536, 65280
+PROMPT_TOKENS, NEW_TOKENS = 41, 8
+
+
+@pytest.fixture(scope="module")
+def wide_vocabulary_program(tmp_path_factory):
+    config = dict(VARIANTS["e2b"].tiny_config, vocab_size=VOCAB, vocab_size_per_layer_input=PER_LAYER_VOCAB)
+    model = Gemma3nForCausalLM(Gemma3nTextConfig(**config))
+    checkpoint.randomize_(model, 0)
+    directory = tmp_path_factory.mktemp("wide-vocabulary")
+    write_text_only(model.to(torch.float32).eval(), directory / "checkpoint")
+    output = directory / "phone.pte"
+    run("e2b/export.py", "--model", str(directory / "checkpoint"), "--output", str(output), *PHONE_FLAGS, check=True)
+    return output
+
+
+def test_stock_runner_keeps_the_gathered_tables_in_the_file_and_maps_only_the_rows_read(
+        wide_vocabulary_program, tmp_path):
+    """Through TextLLMRunner with mlock refused (as on Android) and random access advised as the
+    README tells an app: after a prompt, the tables' byte ranges in the file are resident for at
+    least the rows the prompt gathered (so they are read from the file's mapping, not from a copy),
+    mostly not resident otherwise, and allocated memory did not grow by their size."""
+    layout = program_file.layout(wide_vocabulary_program)
+    tables = layout.tables
+    assert tables["token_embedding"].rows == VOCAB and tables["per_layer_embedding"].rows == PER_LAYER_VOCAB
+    assert layout.constant_segment.size > memory_probe.MEMLOCK_LIMIT_BYTES  # mlock fails as on a phone
+
+    record = memory_probe.measure("stock-advised", wide_vocabulary_program, PROMPT_TOKENS, NEW_TOKENS, 20, tmp_path)
+    assert record["mlock"].startswith("refused")
+    phases = {phase["phase"]: phase for phase in record["phases"]}
+    loaded, prompted = phases["loaded"], [p for p in record["phases"] if p["phase"] == "prefill"][-1]
+    assert prompted["tokens_seen"] == PROMPT_TOKENS
+    prompt = parity.probe_tokens(PROMPT_TOKENS, VOCAB, BOS_ID)  # the probe's prompt
+    for name, table in tables.items():
+        resident = prompted["tables_resident"][name]
+        # Every page holding a row the prompt gathered was read from the file's mapping.
+        gathered = {(table.weight.start + token * table.row_bytes) // program_file.PAGE
+                    for token in prompt if token < table.rows}
+        assert resident >= (len(gathered) - 1) * program_file.PAGE, (name, resident, len(gathered))
+        assert resident < table.bytes / 4, (name, resident, table.bytes)
+    table_bytes = sum(table.bytes for table in tables.values())
+    assert prompted["anon"] - loaded["anon"] < table_bytes / 4, (prompted["anon"], loaded["anon"], table_bytes)
