@@ -1,5 +1,7 @@
-"""A tiny, deterministic, locally trained tokenizer for the random-weight demo model: a small copy
-of the structure of Gemma's real tokenizer.json, so the tests exercise what the real one does.
+"""The project's small, deterministic, locally trained tokenizers: small copies of the structure of
+Gemma's real tokenizer.json, so the tests exercise what the real one does. ``build_tiny_tokenizer``
+is the 512-token one of the random-weight demo model; ``build_tokenizer`` makes one of any size
+from any text, the same way (tools/train_tiny.py trains the trained small model's with it).
 
 As in Gemma's (262,144 pieces): a BPE model with byte fallback (a character the vocabulary lacks
 is spelled as its UTF-8 bytes, ``<0x00>``..``<0xFF>``, so one character can take several tokens
@@ -9,13 +11,16 @@ and one token can be part of a character), a normalizer that turns " " into "\u2
 when encoding with special tokens. Special tokens sit at Gemma's ids and are never merged with
 text: the merges are learned from plain text only.
 
-Total vocab is exactly 512 (the tiny model's):
+Every one starts with the same ids (the tiny one has 512 in all, the tiny model's vocab):
 
     0 <pad>  1 <eos>  2 <bos>  3 <unk>  4 <mask>  5 [multimodal]
     6..104 <unused0>..<unused98>  105 <start_of_turn>  106 <end_of_turn>
     107..362 the byte tokens <0x00>..<0xFF>, then the alphabet and the learned merges.
 
-``write_tiny_tokenizer(dir)`` writes tokenizer.json, tokenizer_config.json (with Gemma's chat
+Merges are learned within words (with the spaces before them: "▁word", or an indentation and a
+word) and runs of newlines; the saved tokenizer applies them to the whole text, as Gemma's does.
+
+``write_tokenizer(tokenizer, dir)`` (and ``write_tiny_tokenizer(dir)``) writes tokenizer.json, tokenizer_config.json (with Gemma's chat
 template) and special_tokens_map.json, which ``transformers.AutoTokenizer`` loads.
 
 Usage: python -m gemma3n_executorch.tiny_tokenizer OUT_DIR
@@ -27,7 +32,7 @@ import json
 import os
 import sys
 
-from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
 
 from .chat import GEMMA_CHAT_TEMPLATE
 from .variants import BOS_ID, SPECIAL_TOKEN_IDS
@@ -77,17 +82,25 @@ def _corpus_lines() -> list[str]:
     return [line for line in _CORPUS.splitlines() if line.strip()] * 3
 
 
-def build_tiny_tokenizer() -> Tokenizer:
-    """Train the deterministic 512-token tokenizer (no download)."""
+# Training only: the pieces merges are learned within, a word with the spaces before it, a run of
+# newlines, trailing spaces (spaces are "▁" by then). The saved tokenizer applies the merges to the
+# whole text, and since none was learned across a piece boundary, it finds the same pieces.
+TRAINING_PIECES = Regex(f"\n+|{SPACE}*[^{SPACE}\n]+|{SPACE}+")
+
+
+def build_tokenizer(lines: list[str], vocab_size: int, alphabet: list[str]) -> Tokenizer:
+    """Train a Gemma-structured BPE tokenizer of exactly ``vocab_size`` pieces on ``lines`` (no
+    download). ``alphabet``, sorted, is every character that gets a piece of its own; the trainer
+    then assigns the same ids in every process."""
     tok = Tokenizer(models.BPE(unk_token="<unk>", fuse_unk=True, byte_fallback=True))
     tok.normalizer = normalizers.Replace(" ", SPACE)
-    # Training only: "▁word" pieces, so merges stay within words. Saved: Gemma's Split on " ".
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement=SPACE, prepend_scheme="never")
+    # Training only: merges stay within pieces. Saved: Gemma's Split on " " (after the normalizer there is none).
+    tok.pre_tokenizer = pre_tokenizers.Split(TRAINING_PIECES, behavior="isolated")
     trainer = trainers.BpeTrainer(
-        vocab_size=VOCAB_SIZE, min_frequency=2, special_tokens=SPECIAL_TOKENS + BYTE_TOKENS,
-        initial_alphabet=ALPHABET, limit_alphabet=len(ALPHABET), show_progress=False,
+        vocab_size=vocab_size, min_frequency=2, special_tokens=SPECIAL_TOKENS + BYTE_TOKENS,
+        initial_alphabet=alphabet, limit_alphabet=len(alphabet), show_progress=False,
     )
-    tok.train_from_iterator(_corpus_lines(), trainer=trainer)
+    tok.train_from_iterator(lines, trainer=trainer)
     # The trainer made the byte tokens added "special" tokens only to give them their ids; in
     # Gemma's they are plain vocabulary entries (so decoding with skip_special_tokens keeps them).
     trained = json.loads(tok.to_str())["model"]
@@ -100,19 +113,28 @@ def build_tiny_tokenizer() -> Tokenizer:
     tok.post_processor = processors.TemplateProcessing(
         single="<bos> $A", pair="<bos> $A <bos> $B", special_tokens=[("<bos>", BOS_ID)],
     )
-    if tok.get_vocab_size() != VOCAB_SIZE:
-        raise RuntimeError(f"tiny tokenizer has {tok.get_vocab_size()} tokens, not {VOCAB_SIZE}")
+    if tok.get_vocab_size() != vocab_size:
+        raise RuntimeError(f"the tokenizer has {tok.get_vocab_size()} tokens, not {vocab_size}: too little text")
     for i, token in enumerate(SPECIAL_TOKENS + BYTE_TOKENS):
         assert tok.token_to_id(token) == i, (token, tok.token_to_id(token), i)
     return tok
 
 
+def build_tiny_tokenizer() -> Tokenizer:
+    """The deterministic 512-token tokenizer of the tiny model."""
+    return build_tokenizer(_corpus_lines(), VOCAB_SIZE, ALPHABET)
+
+
 def write_tiny_tokenizer(path: str) -> str:
-    """Write tokenizer.json, tokenizer_config.json and special_tokens_map.json into directory
-    ``path`` (created if needed), laid out as a Hugging Face checkpoint ships them; returns the
-    tokenizer.json path."""
+    """``write_tokenizer`` of the tiny tokenizer."""
+    return write_tokenizer(build_tiny_tokenizer(), path)
+
+
+def write_tokenizer(tok: Tokenizer, path: str) -> str:
+    """Write tokenizer.json, tokenizer_config.json (with Gemma's chat template) and
+    special_tokens_map.json into directory ``path`` (created if needed), laid out as a Hugging Face
+    checkpoint ships them; returns the tokenizer.json path."""
     os.makedirs(path, exist_ok=True)
-    tok = build_tiny_tokenizer()
     tok_json = os.path.join(path, "tokenizer.json")
     tok.save(tok_json)
     special = {"bos_token": "<bos>", "eos_token": "<eos>", "pad_token": "<pad>", "unk_token": "<unk>"}
