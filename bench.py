@@ -19,6 +19,10 @@ and llama.cpp, whose llama-bench -d fills its cache the same way; not eager). Ea
 this machine's memory read bandwidth (a short probe), so decode can be set against its floor.
 'llamacpp-q4_0' is the peer: llama.cpp's Q4_0 of the same weights, timed by llama-bench (needs
 --llama-cpp, a llama.cpp tree with its tools built, and the full-depth random model).
+'litertlm-int8' and 'litertlm-int4' are Google's LiteRT-LM on the same weights, converted by
+litert-torch and timed by LiteRT-LM's benchmark (need --litert-lm, an environment with LiteRT's
+tools; any depth whose conversion fits in memory); its API gives out tokens, not logits, so its
+records have top-1 agreement and no relative L2 (docs/benchmarks.md).
 
 --keep-programs keeps the programs in --work-dir and reuses them in a later run of the same commit
 and arguments; with --export-only a run only exports (so exports can run while the machine is
@@ -303,9 +307,12 @@ def child_run_litertlm(args) -> dict:
                             args.max_context_length)
     first, *warm = result["samples"]
     torch.save({"tokens": result.pop("greedy_tokens")}, args.logits)
+    output = Path(args.output)
+    cache_bytes = sum(cache.stat().st_size for cache in output.parent.glob(output.name + "_*.xnnpack_cache"))
     return dict(prefill_figures(first["prefill_tok_s"], [s["prefill_tok_s"] for s in warm]),
                 decode_tok_s=sum(s["decode_tok_s"] for s in warm) / len(warm), ttft_s=first["ttft_s"],
-                load_s=first["init_s"], run_peak_rss_bytes=result["peak_rss_bytes"], litertlm_samples=result["samples"])
+                load_s=first["init_s"], run_peak_rss_bytes=result["peak_rss_bytes"],
+                litertlm_samples=result["samples"], litertlm_xnnpack_cache_bytes=cache_bytes)
 
 
 def child_run_eager(args) -> dict:
@@ -380,19 +387,25 @@ def spawn(job: str, args, **extra) -> dict:
         return json.loads(Path(result.name).read_text())
 
 
-def fp32_reference_fits(args) -> bool:
-    """Whether the eager fp32 model (baseline and error reference) fits in this machine's memory:
-    full-depth E4B (27.5 GB) does not on a 24 GB machine."""
+def parameter_count(args) -> int:
+    """Of the random model of the real architecture at --layers (counted without building it)."""
     import torch
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
-    if args.model == TINY_MODEL:
-        return True
     config = VARIANTS[args.variant].real_text_config(args.layers)
     config.pop("model_type", None), config.pop("torch_dtype", None)
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in Gemma3nForCausalLM(Gemma3nTextConfig(**config)).parameters())
-    return 4 * parameters < 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return sum(p.numel() for p in Gemma3nForCausalLM(Gemma3nTextConfig(**config)).parameters())
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fp32_reference_fits(args) -> bool:
+    """Whether the eager fp32 model (baseline and error reference) fits in this machine's memory:
+    full-depth E4B (27.5 GB) does not on a 24 GB machine."""
+    return args.model == TINY_MODEL or 4 * parameter_count(args) < 0.9 * physical_memory_bytes()
 
 
 def check_llama_cpp(args) -> None:
@@ -414,6 +427,8 @@ def check_litert_lm(args) -> None:
         raise UserError(f"--configs {', '.join(LITERT_LM_CONFIGS)} need --litert-lm VENV, an environment with "
                         "litert-torch, litert-lm and tensorflow-cpu; docs/benchmarks.md says how to make it")
     litertlm.check_venv(args.litert_lm)
+    if args.model != TINY_MODEL:
+        litertlm.check_conversion_fits(parameter_count(args), physical_memory_bytes())
 
 
 # The instruction sets that decide which kernels run: int8 GEMMs without VNNI, with it, bf16 with

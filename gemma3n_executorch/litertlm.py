@@ -28,6 +28,10 @@ from .variants import BOS_ID, EOS_ID, PAD_ID, SPECIAL_TOKEN_IDS
 # in every linear and embedding table, activations quantized to int8 on the fly. int4: the same
 # at 4 bits.
 RECIPES = {"litertlm-int8": "dynamic_wi8_afp32", "litertlm-int4": "dynamic_wi4_afp32"}
+# Peak resident memory of litert-torch's conversion per parameter of the model: 7.59 GiB for
+# E2B's widths at 3 layers (0.95 B parameters), its fp32 copy and the converter's copies of it,
+# plus a fixed part, so an upper bound for deeper models (docs/benchmarks.md).
+CONVERSION_PEAK_BYTES_PER_PARAMETER = 8.6
 NEEDED_MODULES = ("litert_torch", "litert_lm", "tensorflow")
 REPOSITORY = Path(__file__).resolve().parent.parent
 
@@ -47,6 +51,15 @@ def check_venv(venv: Path) -> None:
     if missing:
         raise UserError(f"--litert-lm {venv}: no {', '.join(missing)}; install litert-torch, litert-lm and "
                         "tensorflow-cpu there as docs/benchmarks.md says")
+
+
+def check_conversion_fits(parameters: int, memory_bytes: int) -> None:
+    """Refuse a model whose conversion would run this machine out of memory (full-depth E2B)."""
+    peak = CONVERSION_PEAK_BYTES_PER_PARAMETER * parameters
+    if peak > memory_bytes:
+        raise UserError(f"litert-torch's conversion of this model ({parameters / 1e9:.2f} B parameters) would peak "
+                        f"near {peak / 2**30:.0f} GiB, more than this machine's {memory_bytes / 2**30:.0f} GiB: "
+                        "cut it with --layers (E2B at 10 layers: about 15 GiB)")
 
 
 # ---- in our environment: the checkpoint and tokenizer litert-torch reads ----
