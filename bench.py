@@ -19,6 +19,10 @@ and llama.cpp, whose llama-bench -d fills its cache the same way; not eager). Ea
 this machine's memory read bandwidth (a short probe), so decode can be set against its floor.
 'llamacpp-q4_0' is the peer: llama.cpp's Q4_0 of the same weights, timed by llama-bench (needs
 --llama-cpp, a llama.cpp tree with its tools built, and the full-depth random model).
+'litertlm-int8' and 'litertlm-int4' are Google's LiteRT-LM on the same weights, converted by
+litert-torch and timed by LiteRT-LM's benchmark (need --litert-lm, an environment with LiteRT's
+tools; any depth whose conversion fits in memory); its API gives out tokens, not logits, so its
+records have top-1 agreement and no relative L2 (docs/benchmarks.md).
 
 --keep-programs keeps the programs in --work-dir and reuses them in a later run of the same commit
 and arguments; with --export-only a run only exports (so exports can run while the machine is
@@ -59,6 +63,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemma3n_executorch.options import (BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT_LENGTH,  # noqa: E402
                                         DEFAULT_MAX_SEQ_LENGTH, DTYPES, EMBEDDING_SCHEMES, KV, KV_CACHE_DTYPES,
                                         LINEAR_SCHEMES, MODE_DEFAULTS, resolve)
+from gemma3n_executorch.litertlm import RECIPES as LITERT_LM_CONFIGS  # noqa: E402
 from gemma3n_executorch.progress import UserError, log, memory_status, peak_rss_bytes  # noqa: E402
 from gemma3n_executorch.variants import BOS_ID, TINY_MODEL, VARIANTS  # noqa: E402
 
@@ -173,6 +178,24 @@ def child_export_llamacpp(args) -> dict:
             "export_peak_rss_bytes": max(peak_rss_bytes(), children_peak_rss_bytes())}
 
 
+def child_export_litertlm(args) -> dict:
+    """The same weights as a multimodal-layout checkpoint, then litert-torch's .litertlm."""
+    import gc
+
+    from gemma3n_executorch import litertlm
+
+    began, output = time.perf_counter(), Path(args.output)
+    checkpoint = output.with_suffix(".hf")
+    model = build_model(args, None)
+    litertlm.save_checkpoint(model, checkpoint)
+    del model
+    gc.collect()
+    litertlm.convert(args.litert_lm, checkpoint, output, args.config, args.max_seq_length, args.max_context_length)
+    shutil.rmtree(checkpoint)
+    return {"pte_bytes": output.stat().st_size, "export_s": time.perf_counter() - began,
+            "export_peak_rss_bytes": max(peak_rss_bytes(), children_peak_rss_bytes())}
+
+
 def prefill_figures(first_tok_s: float, warm_tok_s: list[float]) -> dict:
     """The record's prefill keys, for programs, eager and llama.cpp alike: the first prefill after
     loading, and the mean of the warm ones after it (llama-bench's protocol)."""
@@ -277,6 +300,28 @@ def child_run_llamacpp(args) -> dict:
                 load_s=None, run_peak_rss_bytes=children_peak_rss_bytes())
 
 
+def child_run_litertlm(args) -> dict:
+    """LiteRT-LM's benchmark (prompt of bench.py's tokens, first run after loading, then --repeats
+    more), then its greedy tokens after the same prompt, for the quality job."""
+    import torch
+
+    from gemma3n_executorch import litertlm
+
+    variant = VARIANTS[args.variant]
+    vocab_size = (variant.tiny_config if args.model == TINY_MODEL else variant.real_text_config())["vocab_size"]
+    prompt = prompt_tokens(args, vocab_size)
+    result = litertlm.bench(args.litert_lm, Path(args.output), prompt, args.new_tokens, os.cpu_count(), args.repeats,
+                            args.max_context_length)
+    first, *warm = result["samples"]
+    torch.save({"tokens": result.pop("greedy_tokens")}, args.logits)
+    output = Path(args.output)
+    cache_bytes = sum(cache.stat().st_size for cache in output.parent.glob(output.name + "_*.xnnpack_cache"))
+    return dict(prefill_figures(first["prefill_tok_s"], [s["prefill_tok_s"] for s in warm]),
+                decode_tok_s=sum(s["decode_tok_s"] for s in warm) / len(warm), ttft_s=first["ttft_s"],
+                load_s=first["init_s"], run_peak_rss_bytes=result["peak_rss_bytes"],
+                litertlm_samples=result["samples"], litertlm_xnnpack_cache_bytes=cache_bytes)
+
+
 def child_run_eager(args) -> dict:
     """Hugging Face's model with its own KV cache (DynamicCache) and default attention (SDPA)."""
     import torch
@@ -317,13 +362,18 @@ def child_quality(args) -> dict:
         sequence = prompt + saved["tokens"][:-1]
         with torch.no_grad():
             reference = model(input_ids=torch.tensor([sequence]), use_cache=False).logits[0, len(prompt) - 1:]
-        agreement = parity.compare(saved["rows"], reference)
-        errors[name] = {"relative_l2_vs_fp32": agreement.relative_l2, "top1_vs_fp32": agreement.top1}
+        if "rows" in saved:
+            agreement = parity.compare(saved["rows"], reference)
+            errors[name] = {"relative_l2_vs_fp32": agreement.relative_l2, "top1_vs_fp32": agreement.top1}
+        else:  # LiteRT-LM gives out its tokens, not its logits: top-1 only
+            top1 = (reference.argmax(-1) == torch.tensor(saved["tokens"])).float().mean().item()
+            errors[name] = {"relative_l2_vs_fp32": None, "top1_vs_fp32": top1}
     return errors
 
 
 CHILDREN = {"export": child_export, "run-program": child_run_program, "run-eager": child_run_eager,
-            "quality": child_quality, "export-llamacpp": child_export_llamacpp, "run-llamacpp": child_run_llamacpp}
+            "quality": child_quality, "export-llamacpp": child_export_llamacpp, "run-llamacpp": child_run_llamacpp,
+            "export-litertlm": child_export_litertlm, "run-litertlm": child_run_litertlm}
 
 
 def spawn(job: str, args, **extra) -> dict:
@@ -344,19 +394,25 @@ def spawn(job: str, args, **extra) -> dict:
         return json.loads(Path(result.name).read_text())
 
 
-def fp32_reference_fits(args) -> bool:
-    """Whether the eager fp32 model (baseline and error reference) fits in this machine's memory:
-    full-depth E4B (27.5 GB) does not on a 24 GB machine."""
+def parameter_count(args) -> int:
+    """Of the random model of the real architecture at --layers (counted without building it)."""
     import torch
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
-    if args.model == TINY_MODEL:
-        return True
     config = VARIANTS[args.variant].real_text_config(args.layers)
     config.pop("model_type", None), config.pop("torch_dtype", None)
     with torch.device("meta"):
-        parameters = sum(p.numel() for p in Gemma3nForCausalLM(Gemma3nTextConfig(**config)).parameters())
-    return 4 * parameters < 0.9 * os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        return sum(p.numel() for p in Gemma3nForCausalLM(Gemma3nTextConfig(**config)).parameters())
+
+
+def physical_memory_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def fp32_reference_fits(args) -> bool:
+    """Whether the eager fp32 model (baseline and error reference) fits in this machine's memory:
+    full-depth E4B (27.5 GB) does not on a 24 GB machine."""
+    return args.model == TINY_MODEL or 4 * parameter_count(args) < 0.9 * physical_memory_bytes()
 
 
 def check_llama_cpp(args) -> None:
@@ -369,6 +425,17 @@ def check_llama_cpp(args) -> None:
         raise UserError(f"--configs {LLAMA_CPP} needs --llama-cpp DIR, a llama.cpp source tree with "
                         f"{' and '.join(llamacpp.BINARIES)} built; docs/benchmarks.md says how")
     llamacpp.check_tree(args.llama_cpp)
+
+
+def check_litert_lm(args) -> None:
+    from gemma3n_executorch import litertlm
+
+    if args.litert_lm is None:
+        raise UserError(f"--configs {', '.join(LITERT_LM_CONFIGS)} need --litert-lm VENV, an environment with "
+                        "litert-torch, litert-lm and tensorflow-cpu; docs/benchmarks.md says how to make it")
+    litertlm.check_venv(args.litert_lm)
+    if args.model != TINY_MODEL:
+        litertlm.check_conversion_fits(parameter_count(args), physical_memory_bytes())
 
 
 # The instruction sets that decide which kernels run: int8 GEMMs without VNNI, with it, bf16 with
@@ -432,8 +499,8 @@ def run_all(args) -> list[dict]:
         for name in args.configs:
             log(f"== {name}")
             saved = str(Path(work) / f"{name}.logits.pt")
-            if args.export_only and (name in EAGER or name == LLAMA_CPP):
-                log("   not a program: nothing to export")
+            if args.export_only and (name in EAGER or name == LLAMA_CPP or name in LITERT_LM_CONFIGS):
+                log("   not one of our programs: converted, if at all, in the timing run")
                 continue
             if name in EAGER:
                 record = spawn("run-eager", args, config=name, logits=saved)
@@ -444,6 +511,13 @@ def run_all(args) -> list[dict]:
                 record = spawn("export-llamacpp", args, output=output, llama_cpp=args.llama_cpp)
                 record.update(spawn("run-llamacpp", args, output=output, llama_cpp=args.llama_cpp))
                 output.unlink()
+            elif name in LITERT_LM_CONFIGS:
+                output = Path(work) / f"{name}.litertlm"
+                record = spawn("export-litertlm", args, config=name, output=output, litert_lm=args.litert_lm)
+                record.update(spawn("run-litertlm", args, output=output, litert_lm=args.litert_lm, logits=saved))
+                logits[name] = saved
+                for written in output.parent.glob(output.name + "*"):  # and the XNNPACK cache LiteRT-LM left
+                    written.unlink()
             else:
                 options = parse_config(name, args.model, args.max_seq_length, args.max_context_length)
                 output = Path(args.work_dir if args.keep_programs else work) / f"{name}.pte"
@@ -535,6 +609,9 @@ def main(argv: list[str] | None = None) -> int:
                              "and arguments left there (export while the machine is busy, time them when it is quiet)")
     parser.add_argument("--export-only", action="store_true", help="export the programs, time nothing")
     parser.add_argument("--llama-cpp", type=Path, help=f"a llama.cpp source tree with its tools built, for {LLAMA_CPP}")
+    parser.add_argument("--litert-lm", type=Path,
+                        help=f"a virtual environment with litert-torch, litert-lm and tensorflow-cpu, for "
+                             f"{', '.join(LITERT_LM_CONFIGS)}")
     parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
     parser.add_argument("--config", help=argparse.SUPPRESS)
@@ -557,6 +634,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.configs:
             if name == LLAMA_CPP:
                 check_llama_cpp(args)
+            elif name in LITERT_LM_CONFIGS:
+                check_litert_lm(args)
             elif name not in EAGER:
                 options = parse_config(name, args.model, args.max_seq_length, args.max_context_length)
                 if args.memory_probe:

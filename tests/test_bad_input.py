@@ -138,6 +138,19 @@ def test_bench_llama_cpp_baseline_needs_a_built_tree_and_the_full_model(tmp_path
     assert not (tmp_path / "b.json").exists()
 
 
+@pytest.mark.parametrize("extra, fragment", [
+    ([], "need --litert-lm VENV"),
+    (["--litert-lm", "EMPTY"], "bin/python; make the environment"),
+    (["--litert-lm", sys.prefix], "no litert_torch, litert_lm, tensorflow"),
+], ids=["no-venv", "not-a-venv", "venv-without-litert"])
+def test_bench_litert_lm_peer_needs_a_venv_with_its_tools(tmp_path, extra, fragment):
+    extra = [str(tmp_path) if part == "EMPTY" else part for part in extra]
+    result = run("bench.py", "--variant", "e2b", "--layers", "3", "--configs", "litertlm-int8",
+                 "--json", str(tmp_path / "b.json"), *extra)
+    assert_clean_error(result, 2, fragment)
+    assert not (tmp_path / "b.json").exists()
+
+
 def test_validate_program_shorter_than_its_header(programs, tmp_path):
     stub = tmp_path / "stub.pte"
     stub.write_bytes(programs.get("e2b").read_bytes()[:30])
