@@ -268,7 +268,7 @@ def probe_stock_runner(probe: Probe, work: Path) -> dict:
     recorder.snapshot("constructed", 0)
     runner.prefill("", GenerationConfig(num_bos=1, num_eos=0))
     runner.reset()
-    program_file.evict_from_page_cache(probe.program)
+    program_file.evict_from_page_cache(probe.program)  # what loading cached around the weights (measure)
     recorder.snapshot("loaded", 0)
     seen, prefill_s = 0, 0.0
     for index, piece in enumerate(chunks(probe.prompt, probe.step)):
@@ -298,7 +298,7 @@ def probe_runtime(probe: Probe) -> dict:
     refusal = mlock_refusal()
     recorder = Recorder(probe.program, layout)
     loaded = Program(probe.program)  # loads forward, reads the metadata methods, advises random access
-    program_file.evict_from_page_cache(probe.program)
+    program_file.evict_from_page_cache(probe.program)  # what loading cached around the weights (measure)
     recorder.snapshot("loaded", 0)
     pieces = chunks(probe.prompt, probe.step)
     prefill_s = 0.0
