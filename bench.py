@@ -491,6 +491,37 @@ def memory_environment(args) -> dict:
     return dict(memory_probe.environment(Path(args.work_dir or tempfile.gettempdir())), step=args.probe_step)
 
 
+def source_commit() -> str:
+    """The commit the figures come from, '+changes' when the tree differs from it."""
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=here, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown (not a git checkout)"
+    return commit + ("+changes" if dirty else "")
+
+
+def exported(args, name: str, output: Path) -> dict:
+    """Export ``name`` to ``output``, or with --keep-programs reuse the program an earlier run left
+    there from the same commit and arguments (its export record is kept beside it): exports can
+    then run while the machine is busy, and the timing later, on a quiet machine."""
+    record_path = output.with_suffix(".export.json")
+    key = {"commit": source_commit(), "variant": args.variant, "model": args.model, "layers": args.layers,
+           "max_seq_length": args.max_seq_length, "max_context_length": args.max_context_length}
+    if args.keep_programs and output.exists() and record_path.exists():
+        kept = json.loads(record_path.read_text())
+        if kept.pop("key") == key and not key["commit"].endswith("+changes"):
+            log(f"   reusing {output} (exported earlier from the same commit and arguments)")
+            return kept
+    record = spawn("export", args, config=name, output=output)
+    if args.keep_programs:
+        record_path.write_text(json.dumps(dict(record, key=key)))
+    return record
+
+
 def run_all(args) -> list[dict]:
     records, logits = [], {}
     if args.work_dir:

@@ -7,7 +7,6 @@ before torch, transformers and executorch are imported, so bad input fails at on
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 from . import preflight
