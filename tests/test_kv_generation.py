@@ -24,8 +24,8 @@ CONTEXT = 160
 CHUNK = 12  # tokens per call: the tiny model's sliding window is 16, so chunks straddle its edges
 LENGTHS = ("--max-context-length", str(CONTEXT), "--max-seq-length", str(CHUNK))
 # Unquantized fp32 on portable kernels: the program must match Hugging Face token for token.
-FP32 = ("--dtype", "fp32", "--quantize", "none", "--quantize-embeddings", "none", "--backend", "portable",
-        "--kv-cache", "fp32")
+FP32_WEIGHTS = ("--dtype", "fp32", "--quantize", "none", "--quantize-embeddings", "none", "--backend", "portable")
+FP32 = (*FP32_WEIGHTS, "--kv-cache", "fp32")
 KV_FLAGS = ("--mode", "kv", *LENGTHS, *FP32)
 NEW_TOKENS = 64
 # 40 tokens: four calls of 12, 12, 12 and 4, whose boundaries fall inside the windows of 16.

@@ -13,7 +13,7 @@ from gemma3n_executorch.options import PER_CHANNEL
 from gemma3n_executorch.runtime import Program
 from gemma3n_executorch.variants import BOS_ID, VARIANTS
 from tests.conftest import run
-from tests.test_kv_generation import KV_FLAGS, PHONE_FLAGS
+from tests.test_kv_generation import FP32_WEIGHTS, KV_FLAGS, LENGTHS, PHONE_FLAGS
 
 SEQUENCE = parity.probe_tokens(96, 512, BOS_ID)  # 96 > 2 x the sliding window of 16
 
@@ -54,7 +54,7 @@ def test_int8_kv_cache_program_stays_within_its_tolerance(programs, tiny_models)
     XNNPACK in the phone program too, and lowering the tiny phone program twice would cost the suite
     minutes), against eager fp32 attending in fp32; and the cache really is quantized (it differs
     from the fp32-cache program)."""
-    int8 = teacher_forced(programs.get("e2b", *KV_FLAGS[:-1], "int8"))
+    int8 = teacher_forced(programs.get("e2b", "--mode", "kv", *LENGTHS, *FP32_WEIGHTS, "--kv-cache", "int8"))
     agreement = parity.compare(int8, eager(tiny_models("e2b")))
     assert agreement.within(parity.tolerance_for("fp32", "none", "none", "int8")), agreement
     assert parity.compare(int8, teacher_forced(programs.get("e2b", *KV_FLAGS))).relative_l2 > 0.01
