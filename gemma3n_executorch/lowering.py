@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 import torch
-from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge_transform_and_lower
+from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge, to_edge_transform_and_lower
 from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
@@ -123,15 +123,22 @@ def lower(program: torch.export.ExportedProgram, backend: str, constant_methods:
           quantized_embeddings: bool = False, verbose: bool = False, initialized_buffers: tuple = ()):
     """Edge dialect + backend delegation + ExecuTorch memory planning; returns the program and
     the delegation report."""
-    # No run_decompositions({}) beforehand: to_edge_transform_and_lower starts with exactly that,
-    # and a second one only re-traced the whole program again.
-    edge = to_edge_transform_and_lower(
-        program,
-        transform_passes=[infer_token_dimension_of_reshapes] if backend == "xnnpack" else None,
-        partitioner=partitioners(backend),
-        compile_config=EdgeCompileConfig(_check_ir_validity=False),
-        constant_methods=constant_methods,
-    )
+    config = EdgeCompileConfig(_check_ir_validity=False)
+    if backend == "portable":
+        # to_edge_transform_and_lower functionalizes the program (run_decompositions({})) before
+        # decomposing it for its partitioners; with none, to_edge's one decomposition makes the
+        # same program without that extra re-trace of the whole graph.
+        edge = to_edge(program, constant_methods=constant_methods, compile_config=config)
+    else:
+        # No run_decompositions({}) beforehand: to_edge_transform_and_lower starts with exactly
+        # that, and a second one only re-traced the whole program again.
+        edge = to_edge_transform_and_lower(
+            program,
+            transform_passes=[infer_token_dimension_of_reshapes],
+            partitioner=partitioners(backend),
+            compile_config=config,
+            constant_methods=constant_methods,
+        )
     report = delegation_report(edge.exported_program().graph_module)
     if verbose:
         for line in report["table"]:

@@ -18,8 +18,14 @@ from gemma3n_executorch import checkpoint, parity  # noqa: E402
 from gemma3n_executorch.variants import BOS_ID, VARIANTS  # noqa: E402
 
 
-def run(script: str, *args: str, cwd: Path = REPO, check: bool = False) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
+# The string-hash seed of every cached export: test_patches.py exports again under another seed and
+# compares the bytes.
+EXPORT_HASH_SEED = "0"
+
+
+def run(script: str, *args: str, cwd: Path = REPO, check: bool = False,
+        env: dict | None = None) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONWARNINGS="ignore", **(env or {}))
     result = subprocess.run([sys.executable, str(REPO / script), *args], cwd=cwd, env=env,
                             capture_output=True, text=True, stdin=subprocess.DEVNULL)
     if check and result.returncode != 0:
@@ -39,7 +45,8 @@ class ProgramCache:
         output = self.directory / f"{name}.pte"
         with FileLock(str(output) + ".lock"):
             if not output.exists():
-                result = run(f"{variant}/export.py", "--model", "tiny", "--output", str(output), *flags, check=True)
+                result = run(f"{variant}/export.py", "--model", "tiny", "--output", str(output), *flags, check=True,
+                             env={"PYTHONHASHSEED": EXPORT_HASH_SEED})
                 output.with_suffix(".log").write_text(result.stderr)
         return output
 

@@ -16,8 +16,7 @@ from executorch.exir import to_edge
 import patches
 from gemma3n_executorch import checkpoint, tasks
 from gemma3n_executorch.variants import VARIANTS
-
-REPO = Path(__file__).resolve().parent.parent
+from tests.conftest import EXPORT_HASH_SEED, REPO
 
 
 @pytest.fixture
@@ -79,18 +78,20 @@ def test_unified_diff_applies_to_installed_source(tmp_path):
     assert "icdf" not in topk and "self.std_multiplier" in topk
 
 
-def test_same_checkpoint_and_options_give_the_same_bytes(tmp_path):
-    """Two exports under string-hash seeds that order set(layer_types) differently (checked here,
-    so the test cannot pass vacuously) must write identical programs. The second runs from inside
-    e2b/ with an --output relative to it, as a user may (test_fixed_export.py does it for e4b/)."""
+def test_same_checkpoint_and_options_give_the_same_bytes(programs, tmp_path):
+    """A cached export and a second one under a string-hash seed that orders set(layer_types)
+    differently (checked here, so the test cannot pass vacuously) must write identical programs.
+    The second runs from inside e2b/ with an --output relative to it, as a user may
+    (test_fixed_export.py does it for e4b/)."""
+    flags = ("--dtype", "fp32")
     orders = set()
-    for seed, cwd in (("0", REPO), ("1", REPO / "e2b")):
+    for seed in (EXPORT_HASH_SEED, "1"):
         env = dict(os.environ, PYTHONHASHSEED=seed)
-        order = subprocess.run([sys.executable, "-c", "print(list(set(['sliding_attention', 'full_attention'])))"],
-                               env=env, capture_output=True, text=True).stdout
-        orders.add(order)
-        subprocess.run([sys.executable, str(REPO / "e2b" / "export.py"), "--model", "tiny", "--dtype", "fp32",
-                        "--seq-len", "8", "--output", os.path.relpath(tmp_path / f"seed{seed}.pte", cwd)],
-                       env=env, cwd=cwd, check=True, capture_output=True)
+        orders.add(subprocess.run([sys.executable, "-c", "print(list(set(['sliding_attention', 'full_attention'])))"],
+                                  env=env, capture_output=True, text=True).stdout)
     assert len(orders) == 2
-    assert (tmp_path / "seed0.pte").read_bytes() == (tmp_path / "seed1.pte").read_bytes()
+    again = tmp_path / "again.pte"
+    subprocess.run([sys.executable, str(REPO / "e2b" / "export.py"), "--model", "tiny", *flags,
+                    "--output", os.path.relpath(again, REPO / "e2b")],
+                   env=dict(os.environ, PYTHONHASHSEED="1"), cwd=REPO / "e2b", check=True, capture_output=True)
+    assert again.read_bytes() == programs.get("e2b", *flags).read_bytes()
