@@ -93,10 +93,7 @@ def tiny_config(num_layers: int, num_kv_shared: int, intermediate: int) -> dict:
 
     Sliding window 16 is far below the prompt + generated lengths the tests use, so the
     window really slides; the per-layer-embedding vocabulary is smaller than the token
-    vocabulary, as in the real model, so out-of-table ids take the real code path. Every other
-    layer is a full-attention one (the real models: every fifth), so that four layers with two
-    sharing hold a sliding and a full layer on each side of the KV sharing (the tests lower
-    a dozen programs, and lowering time grows with depth).
+    vocabulary, as in the real model, so out-of-table ids take the real code path.
     """
     return dict(
         vocab_size=512,
@@ -111,7 +108,7 @@ def tiny_config(num_layers: int, num_kv_shared: int, intermediate: int) -> dict:
         laurel_rank=8,
         altup_num_inputs=4,
         sliding_window=16,
-        layer_types=_tiny_layer_types(num_layers, full_every=2),
+        layer_types=_tiny_layer_types(num_layers, full_every=3),
         num_kv_shared_layers=num_kv_shared,
         activation_sparsity_pattern=[0.95] * 2 + [0.0] * (num_layers - 2),
         rope_parameters={
@@ -158,10 +155,10 @@ def trained_config(shape: dict) -> dict:
 VARIANTS: dict[str, Variant] = {
     v.key: v
     for v in (
-        # E2B: 30 layers, the last 10 share KV  -> tiny: 4 layers, last 2 share; trained: 12, last 4 share.
-        Variant("E2B", "google/gemma-3n-E2B-it", "e2b-text-config.json", tiny_config(4, 2, 128), trained_layers=12),
-        # E4B: 35 layers, the last 15 share KV  -> tiny: 5 layers, last 3 share; MLP twice as wide.
-        Variant("E4B", "google/gemma-3n-E4B-it", "e4b-text-config.json", tiny_config(5, 3, 256)),
+        # E2B: 30 layers, the last 10 share KV  -> tiny: 6 layers, last 2 share; trained: 12, last 4 share.
+        Variant("E2B", "google/gemma-3n-E2B-it", "e2b-text-config.json", tiny_config(6, 2, 128), trained_layers=12),
+        # E4B: 35 layers, the last 15 share KV  -> tiny: 7 layers, last 3 share; MLP twice as wide.
+        Variant("E4B", "google/gemma-3n-E4B-it", "e4b-text-config.json", tiny_config(7, 3, 256)),
     )
 }
 
