@@ -35,7 +35,9 @@ def run(script: str, *args: str, cwd: Path = REPO, check: bool = False,
 
 class ProgramCache:
     """Exports each distinct configuration once per test run, shared by all pytest-xdist workers:
-    the first worker to ask exports under a file lock, the others wait and reuse the file."""
+    the first worker to ask exports under a file lock, the others wait and reuse the file. Each
+    export runs from inside its variant's folder with an --output relative to it, as a user may:
+    every test of a cached program also checks that the program landed where the path said."""
 
     def __init__(self, directory: Path):
         self.directory = directory
@@ -45,8 +47,9 @@ class ProgramCache:
         output = self.directory / f"{name}.pte"
         with FileLock(str(output) + ".lock"):
             if not output.exists():
-                result = run(f"{variant}/export.py", "--model", "tiny", "--output", str(output), *flags, check=True,
-                             env={"PYTHONHASHSEED": EXPORT_HASH_SEED})
+                folder = REPO / variant
+                result = run(f"{variant}/export.py", "--model", "tiny", "--output", os.path.relpath(output, folder),
+                             *flags, cwd=folder, check=True, env={"PYTHONHASHSEED": EXPORT_HASH_SEED})
                 output.with_suffix(".log").write_text(result.stderr)
         return output
 

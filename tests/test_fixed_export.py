@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import os
-from pathlib import Path
-
 import pytest
 import torch
 
 from gemma3n_executorch import parity, quantize
 from gemma3n_executorch.runtime import Program
-from tests.conftest import REPO, probe_batches, run
+from tests.conftest import probe_batches, run
 
 BF16_PEER_TOP1 = parity.tolerance_for("bf16", "none").min_top1  # why 0.90: see parity.py
 
@@ -92,24 +89,6 @@ def test_export_cli_defaults_and_progress(programs):
     log = programs.log("e2b")
     for stage in ("[load]", "[patch]", "[quantize]", "[export]", "[lower]", "[serialize]", "peak memory"):
         assert stage in log
-
-
-def test_export_cli_runs_from_inside_its_folder(tiny_models, tmp_path):
-    """Exported from inside e4b/ with an --output relative to it (e2b/: test_patches.py's
-    reproducibility export): an E4B program where the user's path says, that computes what
-    Hugging Face does."""
-    output = tmp_path / "inside.pte"
-    relative = os.path.relpath(output, REPO / "e4b")
-    result = run("e4b/export.py", "--model", "tiny", "--dtype", "fp32", "--seq-len", "8", "--output", relative,
-                 cwd=REPO / "e4b")
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert not Path(relative).is_absolute() and output.is_file()
-    program = Program(output)
-    assert (program.info.variant, program.info.seq_len) == ("E4B", 8)
-    ids = probe_batches(8, 512, windows=1)[0]
-    with torch.no_grad():
-        expected = tiny_models("e4b")(input_ids=ids).logits
-    assert parity.compare(program.forward_fixed(ids), expected).max_abs <= 1e-4
 
 
 def test_a_gemma_3n_narrower_than_a_quantization_group_exports_with_the_phone_recipe(tmp_path):

@@ -79,10 +79,9 @@ def test_unified_diff_applies_to_installed_source(tmp_path):
 
 
 def test_same_checkpoint_and_options_give_the_same_bytes(programs, tmp_path):
-    """A cached export and a second one under a string-hash seed that orders set(layer_types)
-    differently (checked here, so the test cannot pass vacuously) must write identical programs.
-    The second runs from inside e2b/ with an --output relative to it, as a user may
-    (test_fixed_export.py does it for e4b/)."""
+    """A cached export (made from inside e2b/, conftest.ProgramCache) and a second one from the
+    repository's root, under a string-hash seed that orders set(layer_types) differently (checked
+    here, so the test cannot pass vacuously), must write identical programs."""
     flags = ("--dtype", "fp32")
     orders = set()
     for seed in (EXPORT_HASH_SEED, "1"):
@@ -92,6 +91,6 @@ def test_same_checkpoint_and_options_give_the_same_bytes(programs, tmp_path):
     assert len(orders) == 2
     again = tmp_path / "again.pte"
     subprocess.run([sys.executable, str(REPO / "e2b" / "export.py"), "--model", "tiny", *flags,
-                    "--output", os.path.relpath(again, REPO / "e2b")],
-                   env=dict(os.environ, PYTHONHASHSEED="1"), cwd=REPO / "e2b", check=True, capture_output=True)
+                    "--output", str(again)],
+                   env=dict(os.environ, PYTHONHASHSEED="1"), cwd=REPO, check=True, capture_output=True)
     assert again.read_bytes() == programs.get("e2b", *flags).read_bytes()
