@@ -82,6 +82,42 @@ def test_runner_text_one_character_off_fails(references):
     assert failed(crosscheck.judge(arm, references, VARIANT)) == {"e2b-phone-runner"}
 
 
+def runner_that_left_x86(references, matches_own_loop: bool, right_logits: bool) -> dict:
+    """The phone runner's results as if ARM's rounding had broken a near-tie at new token 10."""
+    import torch
+
+    x86 = references.x86["e2b-phone-runner"]
+    tokens = list(x86["own_tokens"])
+    tokens[10] = (tokens[10] + 1) % 512
+    logits = references.eager_quantized_logits("e2b")(tokens, x86["prompt_ids"])
+    if not right_logits:
+        logits = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)) * logits.std()
+    text = x86["text"][:15] + " another reply, after the near-tie"
+    return as_if_from_arm(references, e2b_phone_runner={
+        "text": text, "own_text": text if matches_own_loop else x86["own_text"], "own_tokens": tokens,
+        "own_logits": logits})
+
+
+def test_runner_text_off_x86_passes_only_as_our_own_loop_with_right_logits(references):
+    """A phone runner whose text leaves x86's is accepted only when it printed what our own greedy
+    loop did on the same CPU and that loop's logits are torchao's eager quantization's."""
+    def runner_check(**case):
+        checks = {c.name: c for c in crosscheck.judge(runner_that_left_x86(references, **case), references, VARIANT)}
+        return checks["e2b-phone-runner"]
+
+    accepted = runner_check(matches_own_loop=True, right_logits=True)
+    assert accepted.passed and "differs from x86" in accepted.detail
+    assert not runner_check(matches_own_loop=False, right_logits=True).passed
+    assert not runner_check(matches_own_loop=True, right_logits=False).passed
+
+
+def test_fp32_runner_text_off_x86_fails(references):
+    text = references.x86["e2b-kv-fp32-runner"]["text"]
+    arm = as_if_from_arm(references, e2b_kv_fp32_runner={"text": text[:15] + " another reply", "own_text":
+                                                         text[:15] + " another reply"})
+    assert failed(crosscheck.judge(arm, references, VARIANT)) == {"e2b-kv-fp32-runner"}
+
+
 def test_fixed_logit_off_by_twice_the_fp32_tolerance_fails(references):
     logits = references.x86["e2b-fixed-fp32-logits"]["logits"].clone()
     logits[100, 7] += 2e-3  # the fp32 bound is 1e-3 (parity.py)

@@ -45,11 +45,22 @@ def greedy(program_path: str, prompt: list[int], steps: int) -> dict:
 
 def runner_text(program_path: str, tokenizer_path: str, prompt: str, max_new_tokens: int) -> dict:
     """ExecuTorch's stock TextLLMRunner, greedy, as the demo apps drive it: the bytes it prints
-    (its Python token_callback fails on Gemma's byte tokens), escaped where they are not UTF-8."""
+    (its Python token_callback fails on Gemma's byte tokens), escaped where they are not UTF-8.
+    Beside it, what judges a runner whose text leaves x86's: our own greedy loop on the same
+    prompt on the same CPU, its text as the runner prints it and the logits its tokens came from."""
     from gemma3n_executorch import stock_runner
+    from gemma3n_executorch.generation import Generator, load_tokenizer
+    from gemma3n_executorch.runtime import Program
+    from gemma3n_executorch.variants import BOS_ID
 
     printed = stock_runner.printed(program_path, tokenizer_path, prompt, max_new_tokens)
-    return {"text": printed.decode("utf-8", "backslashreplace")}
+    tokenizer = load_tokenizer(Path(tokenizer_path))
+    ids = [BOS_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids  # the runner adds BOS
+    ours = Generator(Program(program_path), tokenizer).generate(ids, max_new_tokens=max_new_tokens)
+    own = greedy(program_path, ids, len(ours.tokens))
+    return {"text": printed.decode("utf-8", "backslashreplace"), "prompt_ids": ids,
+            "own_text": stock_runner.printed_for(tokenizer, ours.tokens).decode("utf-8", "backslashreplace"),
+            "own_tokens": own["tokens"], "own_logits": own["logits"]}
 
 
 def fixed_logits(program_path: str, windows: list[list[int]]) -> dict:
