@@ -89,7 +89,7 @@ def runner_that_left_x86(references, matches_own_loop: bool, right_logits: bool)
     x86 = references.x86["e2b-phone-runner"]
     tokens = list(x86["own_tokens"])
     tokens[10] = (tokens[10] + 1) % 512
-    logits = references.eager_quantized_logits("e2b")(tokens, x86["prompt_ids"])
+    logits = references.x86_program_logits("e2b-phone-runner")(x86["prompt_ids"], tokens)
     if not right_logits:
         logits = logits + torch.randn(logits.shape, generator=torch.Generator().manual_seed(0)) * logits.std()
     text = x86["text"][:15] + " another reply, after the near-tie"
@@ -100,7 +100,7 @@ def runner_that_left_x86(references, matches_own_loop: bool, right_logits: bool)
 
 def test_runner_text_off_x86_passes_only_as_our_own_loop_with_right_logits(references):
     """A phone runner whose text leaves x86's is accepted only when it printed what our own greedy
-    loop did on the same CPU and that loop's logits are torchao's eager quantization's."""
+    loop did on the same CPU and that loop's logits are the x86 program's along its tokens."""
     def runner_check(**case):
         checks = {c.name: c for c in crosscheck.judge(runner_that_left_x86(references, **case), references, VARIANT)}
         return checks["e2b-phone-runner"]

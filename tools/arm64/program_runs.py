@@ -43,6 +43,19 @@ def greedy(program_path: str, prompt: list[int], steps: int) -> dict:
     return {"tokens": tokens, "logits": torch.stack(rows)}
 
 
+def teacher_forced(program_path: str, prompt: list[int], tokens: list[int]):
+    """The logits a program gives for each of ``tokens`` after ``prompt`` and the tokens before
+    it, [len(tokens), vocab]: greedy's rows, along tokens it did not choose."""
+    import torch
+
+    from gemma3n_executorch.runtime import Program
+
+    program = Program(program_path)
+    rows = [program.step(prompt)]
+    rows += [program.step([token]) for token in tokens[:-1]]
+    return torch.stack(rows)
+
+
 def runner_text(program_path: str, tokenizer_path: str, prompt: str, max_new_tokens: int) -> dict:
     """ExecuTorch's stock TextLLMRunner, greedy, as the demo apps drive it: the bytes it prints
     (its Python token_callback fails on Gemma's byte tokens), escaped where they are not UTF-8.
