@@ -29,8 +29,7 @@ from .progress import UserError, log
 
 
 def partitioners(backend: str) -> list:
-    if backend == "portable":
-        return []
+    """The partitioners of a delegating backend (``portable`` has none: lower() takes to_edge)."""
     if backend == "xnnpack":
         from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 

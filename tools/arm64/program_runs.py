@@ -70,10 +70,9 @@ def runner_text(program_path: str, tokenizer_path: str, prompt: str, max_new_tok
     tokenizer = load_tokenizer(Path(tokenizer_path))
     ids = [BOS_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids  # the runner adds BOS
     ours = Generator(Program(program_path), tokenizer).generate(ids, max_new_tokens=max_new_tokens)
-    own = greedy(program_path, ids, len(ours.tokens))
     return {"text": printed.decode("utf-8", "backslashreplace"), "prompt_ids": ids,
             "own_text": stock_runner.printed_for(tokenizer, ours.tokens).decode("utf-8", "backslashreplace"),
-            "own_tokens": own["tokens"], "own_logits": own["logits"]}
+            "own_tokens": ours.tokens, "own_logits": teacher_forced(program_path, ids, ours.tokens)}
 
 
 def fixed_logits(program_path: str, windows: list[list[int]]) -> dict:
