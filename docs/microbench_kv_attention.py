@@ -8,12 +8,10 @@ One query token with E2B's 8 query heads over 2 KV heads of 256, the cache class
 uses (tasks.FloatCache / tasks.Int8Cache), exported and lowered alone on portable kernels (the
 attention runs on ExecuTorch's llama:: ops in the phone recipe too).
 
-Each cache is also timed with the 4 query heads of each KV head folded into one call's rows
-(non-causal over positions [0, depth], exact for one token): what the kernel would cost if it read
-each KV head once instead of once per query head. The kv program cannot do this yet: it takes one
-to max_seq_length tokens a call in one graph, the fold is exact only for one, and a branch on the
-token count (torch.cond) over the unbacked start position fails in ExecuTorch 1.4.1's edge passes
-(PendingUnbackedSymbolNotFound).
+Each cache is timed twice: as the kv program attends (tasks.attend_full: the query heads that
+share a KV head folded into one call's rows, so the kernel reads each KV head once), and as one
+causal call with the query heads apart, as the program did before (the kernel then reads each KV
+head once per query head).
 """
 
 from __future__ import annotations
@@ -35,9 +33,6 @@ QUERY_HEADS, KV_HEADS, HEAD_DIM = 8, 2, 256  # E2B and E4B
 DEPTHS = (128, 4096, 16384, 32000)
 
 
-REPEATS_PER_KV_HEAD = QUERY_HEADS // KV_HEADS
-
-
 class OneAttention(torch.nn.Module):
     def __init__(self, cache_class, context: int, fold: bool):
         super().__init__()
@@ -47,16 +42,11 @@ class OneAttention(torch.nn.Module):
 
     def forward(self, query, position):
         start = position[0].item()
-        torch._check(start >= REPEATS_PER_KV_HEAD)
+        torch._check(start >= 0)
         torch._check(start < self.context)
-        if not self.fold:
-            return self.cache.attend(query, start, None)
-        # [1, 1, kv * r, d] -> rows r, heads kv; without a mask and not causal the kernel attends
-        # over [0, start' + rows), so start' = start - (r - 1) covers exactly [0, start].
-        rows = query.reshape(1, KV_HEADS, REPEATS_PER_KV_HEAD, HEAD_DIM).transpose(1, 2).unsqueeze(0)
-        rows = rows.reshape(1, REPEATS_PER_KV_HEAD, KV_HEADS, HEAD_DIM)
-        output = self.cache.attend(rows, start - (REPEATS_PER_KV_HEAD - 1), None, causal=False)
-        return output.reshape(1, REPEATS_PER_KV_HEAD, KV_HEADS, HEAD_DIM).transpose(1, 2).reshape(query.shape)
+        if self.fold:
+            return tasks.attend_full(self.cache, query, start, 0, KV_HEADS)  # one token: the later call reads from 0
+        return self.cache.attend(query, start, None)
 
 
 def main() -> None:
@@ -81,7 +71,7 @@ def main() -> None:
                     method.execute([query, torch.tensor([depth])])
                 milliseconds = (time.perf_counter() - began) / args.repeats * 1e3
                 read = depth * KV_HEADS * HEAD_DIM * 2 * (4 if kv_cache == "fp32" else 1)
-                print(f"{kv_cache} cache{', query heads folded' if fold else ''}, depth {depth:6d}: {milliseconds:8.3f} ms per call "
+                print(f"{kv_cache} cache, {'query heads folded' if fold else 'query heads apart '}, depth {depth:6d}: {milliseconds:8.3f} ms per call "
                       f"({read / milliseconds / 1e6:.2f} GB/s of cache read once)")
 
 

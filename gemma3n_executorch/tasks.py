@@ -134,6 +134,7 @@ class CachedAttention(nn.Module):
         self.owns_cache = not source.is_kv_shared_layer
         self.shares_cache = source.store_full_length_kv
         self.head_dim = config.head_dim
+        self.kv_heads = config.num_key_value_heads
         self.q_proj, self.q_norm, self.o_proj = source.q_proj, source.q_norm, source.o_proj
         if self.owns_cache:
             self.k_proj, self.k_norm = source.k_proj, source.k_norm
@@ -142,7 +143,7 @@ class CachedAttention(nn.Module):
             setattr(self, RING_CACHE if self.ring else "full_cache", cache)
 
     def forward(self, hidden_states, position_embeddings, attention_mask=None, shared_kv_states=None,
-                position_ids=None, start_pos=None, ring_slots=None, **kwargs):
+                position_ids=None, start_pos=None, later_start_pos=None, ring_slots=None, **kwargs):
         batch, length, _ = hidden_states.shape
         per_head = (batch, length, -1, self.head_dim)
         cos, sin = position_embeddings
@@ -158,8 +159,52 @@ class CachedAttention(nn.Module):
         else:
             cache = shared_kv_states[self.layer_type]
         # attention_mask: the ring's visibility mask for sliding layers, None (causal) for full ones.
-        output = cache.attend(query, start_pos, attention_mask)
+        if self.ring:
+            output = attend_ring(cache, query, attention_mask, self.kv_heads)
+        else:
+            output = attend_full(cache, query, start_pos, later_start_pos, self.kv_heads)
         return self.o_proj(output.reshape(batch, length, -1)), None
+
+
+# ExecuTorch 1.4.1's attention kernel reads a KV head's keys and values once per query head (4
+# times per KV head in Gemma 3n) but once per block of query rows. Folding the query heads that
+# share a KV head into rows of one head makes it read each KV head once: decode deep in a full
+# cache is bound by those reads.
+
+def fold_query_heads(query: torch.Tensor, kv_heads: int) -> torch.Tensor:
+    """[1, n, kv * r, d] -> [1, n * r, kv, d]: row t * r + g is query head kv_head * r + g of token t."""
+    batch, length, heads, dim = query.shape
+    grouped = query.view(batch, length, kv_heads, heads // kv_heads, dim).transpose(2, 3)
+    return grouped.reshape(batch, length * (heads // kv_heads), kv_heads, dim)
+
+
+def unfold_query_heads(rows: torch.Tensor, length: int) -> torch.Tensor:
+    batch, folded, kv_heads, dim = rows.shape
+    grouped = rows.view(batch, length, folded // length, kv_heads, dim).transpose(2, 3)
+    return grouped.reshape(batch, length, -1, dim)
+
+
+def attend_ring(cache, query, mask, kv_heads):
+    """With a mask every row is independent: the mask has a row per folded query row."""
+    output = cache.attend(fold_query_heads(query, kv_heads), 0, mask)
+    return unfold_query_heads(output, query.shape[1])
+
+
+def attend_full(cache, query, start_pos, later_start_pos, kv_heads):
+    """Causal attention over positions [0, start_pos + n), the first token's query heads folded.
+
+    Without a mask the kernel attends over [0, start + rows); not causal, every row sees all of
+    them, so the first token's r folded rows at start = start_pos - (r - 1) see exactly
+    [0, start_pos] (start may be negative: only start + rows is used). The causal call for the
+    other tokens can't fold (each row would need its own end); its start is later_start_pos,
+    which KVCacheLM makes 0 for a one-token call (a decode step): it then reads one position and
+    its output is not used."""
+    repeats = query.shape[2] // kv_heads
+    first = cache.attend(fold_query_heads(query[:, :1], kv_heads), start_pos - (repeats - 1), None, causal=False)
+    later = cache.attend(query, later_start_pos, None)
+    # Written over the first row, not cat after a [:, 1:] slice, which makes export specialise
+    # the token count.
+    return later.slice_scatter(unfold_query_heads(first, 1), dim=1, start=0, end=1)
 
 
 def ring_size(sliding_window: int, max_seq_len: int, max_context_len: int) -> int:
@@ -175,6 +220,7 @@ class KVCacheLM(nn.Module):
         self.max_context_len = max_context_len
         self.sliding_window = model.config.sliding_window
         self.ring_slots = ring_size(self.sliding_window, max_seq_len, max_context_len)
+        self.query_rows_per_token = model.config.num_attention_heads // model.config.num_key_value_heads
         cache_class = CACHE_CLASSES[kv_cache]
         for layer in model.model.layers:
             attention = layer.self_attn
@@ -182,12 +228,17 @@ class KVCacheLM(nn.Module):
             layer.self_attn = CachedAttention(attention, slots, cache_class)
 
     def ring_mask(self, positions: torch.Tensor) -> torch.Tensor:
-        """[n, ring] additive mask: which slot each query may see once this call's tokens are written.
+        """[n * r, ring] additive mask: which slot each folded query row (r per token, see
+        fold_query_heads) may see once this call's tokens are written.
 
         Positions arrive in order, so after the write slot ``s`` holds the latest position ``p``
         with ``p % ring == s`` and ``p <= last`` (negative: never written since position 0).
         """
         last = positions[-1]
+        # Positions are consecutive (the caches write each call at its start); an arange of the
+        # rows rather than a reshape of the positions, which XNNPACK would not take for int64.
+        rows = torch.arange(positions.shape[0] * self.query_rows_per_token, device=positions.device)
+        positions = positions[0] + torch.div(rows, self.query_rows_per_token, rounding_mode="floor")
         slots = torch.arange(self.ring_slots, device=positions.device)
         held = last - torch.remainder(last - slots, self.ring_slots)
         age = positions.unsqueeze(-1) - held
@@ -195,11 +246,16 @@ class KVCacheLM(nn.Module):
         return torch.where(visible, 0.0, float("-inf")).to(torch.float32)
 
     def forward(self, tokens: torch.Tensor, input_pos: torch.Tensor) -> torch.Tensor:
-        # One symbolic start position for every layer: each extra .item() is another unbacked
-        # symbol that export and lowering must reason about.
+        # Two symbolic start positions for every layer (each .item() is another unbacked symbol
+        # that export and lowering must reason about): the call's, and the one attend_full gives
+        # the tokens after the first, 0 for a one-token call. That one comes from the positions,
+        # not from the token count: export takes a dynamic size to be at least 2.
         start_pos = input_pos[0].item()
         torch._check(start_pos >= 0)
         torch._check(start_pos + tokens.shape[1] <= self.max_context_len)
+        later_start_pos = (input_pos[0] * (input_pos[-1] > input_pos[0])).item()
+        torch._check(later_start_pos >= 0)
+        torch._check(later_start_pos + tokens.shape[1] <= self.max_context_len)
         output = self.model(
             input_ids=tokens,
             position_ids=input_pos.unsqueeze(0),
@@ -209,6 +265,7 @@ class KVCacheLM(nn.Module):
             logits_to_keep=1,
             # Extra keyword arguments reach the attention modules.
             start_pos=start_pos,
+            later_start_pos=later_start_pos,
             ring_slots=torch.remainder(input_pos, self.ring_slots).unsqueeze(0),
         )
         logits = output.logits[:, -1, :]
