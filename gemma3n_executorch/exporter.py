@@ -7,6 +7,7 @@ before torch, transformers and executorch are imported, so bad input fails at on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 from . import preflight
@@ -76,7 +77,7 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
         with timer.stage("load"):
             loaded = checkpoint.load(options.model, variant)  # as stored; prepare() casts
     log(f"  {loaded.num_parameters / 1e6:.1f} M text parameters from {loaded.source}")
-    check_context(options, loaded.config)
+    options = fit_context(options, loaded.config)
     module = prepare(loaded.model, options, timer)
     info = ProgramInfo(
         variant=variant.name, source=loaded.source, mode=options.mode, seq_len=options.seq_len,
@@ -117,11 +118,24 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
 PHONE_KV_CACHE_BYTES = 512 * 2**20
 
 
-def check_context(options: ExportOptions, config) -> None:
-    """The context may not exceed what the model's rotary tables were trained for."""
-    if options.mode == KV and options.context_len > config.max_position_embeddings:
+def fit_context(options: ExportOptions, config) -> ExportOptions:
+    """The context may not exceed what the model's rotary tables were trained for: defaults that
+    do not fit the model become the model's own limit; a flag that does not is refused."""
+    limit = config.max_position_embeddings
+    if options.mode != KV or options.context_len <= limit:
+        return options
+    if not options.context_is_default:
         raise UserError(f"--max-context-length {options.context_len} exceeds the model's max_position_embeddings "
-                        f"{config.max_position_embeddings}; pass at most {config.max_position_embeddings}")
+                        f"{limit}; pass at most {limit}")
+    seq_len = options.seq_len
+    if seq_len > limit:
+        if not options.seq_len_is_default:
+            raise UserError(f"--max-seq-length {seq_len} exceeds the model's max_position_embeddings {limit}; "
+                            f"pass at most {limit}")
+        seq_len = limit
+    log(f"  max_context_length {limit}, max_seq_length {seq_len}: the model's max_position_embeddings is "
+        f"{limit}, fewer than the default {options.context_len}")
+    return dataclasses.replace(options, context_len=limit, seq_len=seq_len)
 
 
 def companion_files(loaded) -> tuple[bytes | None, str | None]:
@@ -170,8 +184,8 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
     parser.add_argument("--backend", choices=BACKENDS,
                         help=f"portable kernels, or XNNPACK delegation; default: fixed {fixed['backend']}, kv {kv['backend']}")
     parser.add_argument("--verbose", action="store_true", help="list the operators left outside the backend")
-    parser.add_argument("--seq-len", type=int, default=DEFAULT_SEQ_LEN, help="fixed mode: window length")
-    parser.add_argument("--max-seq-length", type=int, default=DEFAULT_MAX_SEQ_LENGTH,
+    parser.add_argument("--seq-len", type=int, help=f"fixed mode: window length (default {DEFAULT_SEQ_LEN})")
+    parser.add_argument("--max-seq-length", type=int,
                         help=f"kv mode: the most tokens one call takes; longer prompts are fed in chunks of it "
                              f"(default {DEFAULT_MAX_SEQ_LENGTH})")
     parser.add_argument("--max-context-length", type=int,
@@ -185,7 +199,7 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
         parser.error(f"--max-seq-len is gone: for the positions the cache holds, what it meant, pass "
                      f"--max-context-length {args.max_seq_len}; --max-seq-length now sets the tokens one call takes")
     length = args.seq_len if args.mode == FIXED else args.max_seq_length
-    if length < 2 or (args.max_context_length is not None and args.max_context_length < 2):
+    if (length is not None and length < 2) or (args.max_context_length is not None and args.max_context_length < 2):
         parser.error("--seq-len, --max-seq-length and --max-context-length must be at least 2")
     try:
         options = resolve(args.mode, args.dtype, args.quantize, args.quantize_embeddings, args.backend,

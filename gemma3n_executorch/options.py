@@ -49,6 +49,9 @@ class ExportOptions:
     seq_len: int  # fixed: window length; kv: tokens per call (max_seq_length)
     context_len: int  # kv: positions the cache holds (max_context_length); fixed: the window
     kv_cache: str  # kv: KV_CACHE_DTYPES; fixed: "none"
+    # kv: no --max-context-length / --max-seq-length was given: a model with fewer positions lowers them
+    context_is_default: bool = False
+    seq_len_is_default: bool = False
 
     @property
     def needs_xnnpack(self) -> bool:
@@ -56,7 +59,7 @@ class ExportOptions:
 
 
 def resolve(mode: str, dtype: str | None, quantize: str | None, embeddings: str | None, backend: str | None,
-            group_size: int, model: str, seq_len: int, context_len: int | None = None,
+            group_size: int, model: str, seq_len: int | None, context_len: int | None = None,
             kv_cache: str | None = None) -> ExportOptions:
     """Fill what was not given from the mode's defaults, so that an explicit choice pulls in what
     it needs (``--quantize 8da4w`` alone means XNNPACK and fp32); refuse combinations that have no
@@ -79,14 +82,21 @@ def resolve(mode: str, dtype: str | None, quantize: str | None, embeddings: str 
     if group_size != PER_CHANNEL and (group_size < XNNPACK_GROUP_MULTIPLE or group_size % XNNPACK_GROUP_MULTIPLE):
         raise ValueError(f"--group-size must be a multiple of {XNNPACK_GROUP_MULTIPLE} (XNNPACK's 4-bit kernels need it; "
                          f"{DEFAULT_GROUP_SIZE} is the default), or {PER_CHANNEL} for one scale per output channel")
+    context_is_default = False
+    seq_len_is_default = mode == KV and seq_len is None
+    seq_len = seq_len or (DEFAULT_MAX_SEQ_LENGTH if mode == KV else DEFAULT_SEQ_LEN)
     if mode == FIXED:
         context_len, kv_cache = seq_len, "none"
     else:
+        context_is_default = context_len is None
         context_len = context_len or DEFAULT_MAX_CONTEXT_LENGTH
         kv_cache = kv_cache or defaults["kv_cache"]
+        if seq_len_is_default:
+            seq_len = min(seq_len, context_len)
         if seq_len > context_len:
             raise ValueError(f"--max-seq-length {seq_len} (tokens per call) exceeds --max-context-length {context_len} "
                              "(positions the cache holds): lower it or raise the context")
     return ExportOptions(model=model, mode=mode, dtype=dtype, quantize=quantize, embeddings=embeddings,
                          group_size=group_size, backend=backend, seq_len=seq_len, context_len=context_len,
-                         kv_cache=kv_cache)
+                         kv_cache=kv_cache, context_is_default=context_is_default,
+                         seq_len_is_default=seq_len_is_default)

@@ -91,23 +91,37 @@ def test_export_cli_defaults_and_progress(programs):
         assert stage in log
 
 
-def test_a_gemma_3n_narrower_than_a_quantization_group_exports_with_the_phone_recipe(tmp_path):
-    """A valid Gemma 3n 48 wide: XNNPACK's 4-bit kernels need rows of a multiple of 32, so its
-    lm_head (4-bit, one group per row under the default recipe) stays in floating point instead of
-    failing in lowering (AssertionError ... group_size ... 48)."""
+def test_a_small_gemma_3n_exports_with_the_phone_recipe_and_no_flags(tmp_path):
+    """A valid Gemma 3n 48 wide and 32 positions long, exported with nothing but --mode kv.
+    XNNPACK's 4-bit kernels need rows of a multiple of 32, so its lm_head (4-bit, one group per
+    row under the default recipe) stays in floating point instead of failing in lowering
+    (AssertionError ... group_size ... 48). The default context (4096) does not fit its
+    max_position_embeddings: the program holds the model's 32 positions instead, while an explicit
+    --max-context-length above them is refused in one line."""
     from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
     from gemma3n_executorch import checkpoint
+    from gemma3n_executorch.options import DEFAULT_MAX_CONTEXT_LENGTH
+    from gemma3n_executorch.runtime import Program
     from gemma3n_executorch.variants import tiny_config
     from tests.checkpoints import write_text_only
 
-    model = Gemma3nForCausalLM(Gemma3nTextConfig(**dict(tiny_config(4, 1, 96), hidden_size=48)))
+    positions = 32
+    assert positions < DEFAULT_MAX_CONTEXT_LENGTH
+    config = dict(tiny_config(4, 1, 96), hidden_size=48, max_position_embeddings=positions)
+    model = Gemma3nForCausalLM(Gemma3nTextConfig(**config))
     checkpoint.randomize_(model)
     directory = write_text_only(model.eval(), tmp_path / "narrow")
     output = tmp_path / "narrow.pte"
-    result = run("e2b/export.py", "--model", str(directory), "--mode", "kv", "--max-context-length", "32",
-                 "--max-seq-length", "16", "--output", str(output))
+    refused = run("e2b/export.py", "--model", str(directory), "--mode", "kv", "--max-context-length",
+                  str(2 * positions), "--output", str(output))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr and not output.exists()
+    assert f"--max-context-length {2 * positions} exceeds the model's max_position_embeddings {positions}" \
+        in refused.stderr.strip().splitlines()[-1]
+    result = run("e2b/export.py", "--model", str(directory), "--mode", "kv", "--output", str(output))
     assert result.returncode == 0, result.stderr[-2000:]
+    info = Program(output).info
+    assert (info.context_len, info.seq_len) == (positions, positions)  # the default call of 128 tokens too
     validated = run("validate.py", str(output), "--model", str(directory))
     assert validated.returncode == 0 and "PASS  against eager PyTorch" in validated.stdout, validated.stdout
 
