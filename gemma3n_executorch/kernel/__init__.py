@@ -1,0 +1,171 @@
+"""gemma3n::gqa_attention: causal grouped-query attention over a static KV cache, as one
+ExecuTorch kernel that reads each KV head's cache once for all the query heads sharing it
+(see gqa_attention.cpp). Not yet used by the kv program: wiring it in, and loading it wherever a
+program runs (our runtime, the stock runner, an app), is the next step of issue 28.
+
+Importing this module defines the ATen-side operators (a pure-PyTorch reference for eager use and
+a fake implementation for torch.export):
+
+    gemma3n::gqa_attention(query[1,n,H,D] f32, k_cache[1,S,KV,D], v_cache, start_pos) -> [1,n,H,D]
+        caches float32 or float16
+    gemma3n::gqa_attention_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales,
+                                v_zero_points, start_pos) -> [1,n,H,D]
+        int8 caches, float32 scales and int8 zero points [1,S,KV,1]: value = (q - zp) * scale
+
+each with an ``.out`` overload, which ExecuTorch's to_executorch substitutes. Token t sees
+positions [0, start_pos + t]; the scores are not scaled (Gemma 3n's query norm does it).
+
+``load_runtime_kernel()`` compiles the ExecuTorch kernels on first use (g++, cached by a hash of
+the source and flags under $GEMMA3N_KERNEL_CACHE or ~/.cache/gemma3n_executorch/kernels) and loads
+them into the runtime's kernel registry, the one of executorch's pybindings (_portable_lib). Call it
+before loading a program that uses these operators.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("gqa_attention.cpp")
+_LIBRARY = torch.library.Library("gemma3n", "DEF")
+_loaded: Path | None = None
+
+_FLOAT_ARGS = "Tensor query, Tensor k_cache, Tensor v_cache, SymInt start_pos"
+_INT8_ARGS = ("Tensor query, Tensor k_cache, Tensor v_cache, Tensor k_scales, Tensor k_zero_points, "
+              "Tensor v_scales, Tensor v_zero_points, SymInt start_pos")
+_LIBRARY.define(f"gqa_attention({_FLOAT_ARGS}) -> Tensor")
+_LIBRARY.define(f"gqa_attention.out({_FLOAT_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
+_LIBRARY.define(f"gqa_attention_int8({_INT8_ARGS}) -> Tensor")
+_LIBRARY.define(f"gqa_attention_int8.out({_INT8_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: int) -> torch.Tensor:
+    """What the kernel computes, with torch's SDPA over the visible prefix (float caches)."""
+    tokens, heads = query.shape[1], query.shape[2]
+    length = int(start_pos) + tokens
+    keys = k_cache[:, :length].transpose(1, 2).to(torch.float32)
+    values = v_cache[:, :length].transpose(1, 2).to(torch.float32)
+    positions = torch.arange(length, device=query.device)
+    visible = positions[None, :] <= (int(start_pos) + torch.arange(tokens, device=query.device))[:, None]
+    output = torch.nn.functional.scaled_dot_product_attention(
+        query.transpose(1, 2).to(torch.float32), keys, values, attn_mask=visible, scale=1.0,
+        enable_gqa=heads != k_cache.shape[2])
+    return output.transpose(1, 2).contiguous()
+
+
+def dequantize(cache: torch.Tensor, scales: torch.Tensor, zero_points: torch.Tensor) -> torch.Tensor:
+    return (cache.to(torch.float32) - zero_points.to(torch.float32)) * scales
+
+
+def reference_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos):
+    length = int(start_pos) + query.shape[1]
+    return reference(query, dequantize(k_cache[:, :length], k_scales[:, :length], k_zero_points[:, :length]),
+                     dequantize(v_cache[:, :length], v_scales[:, :length], v_zero_points[:, :length]), start_pos)
+
+
+@torch.library.impl(_LIBRARY, "gqa_attention", "CompositeExplicitAutograd")
+def _gqa_attention(query, k_cache, v_cache, start_pos):
+    return reference(query, k_cache, v_cache, start_pos)
+
+
+@torch.library.impl(_LIBRARY, "gqa_attention.out", "CompositeExplicitAutograd")
+def _gqa_attention_out(query, k_cache, v_cache, start_pos, *, out):
+    out.resize_(query.shape).copy_(reference(query, k_cache, v_cache, start_pos))
+    return out
+
+
+@torch.library.impl(_LIBRARY, "gqa_attention_int8", "CompositeExplicitAutograd")
+def _gqa_attention_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos):
+    return reference_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos)
+
+
+@torch.library.impl(_LIBRARY, "gqa_attention_int8.out", "CompositeExplicitAutograd")
+def _gqa_attention_int8_out(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points,
+                            start_pos, *, out):
+    out.resize_(query.shape).copy_(reference_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales,
+                                                  v_zero_points, start_pos))
+    return out
+
+
+@torch.library.register_fake("gemma3n::gqa_attention")
+def _gqa_attention_fake(query, k_cache, v_cache, start_pos):
+    return query.new_empty(query.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("gemma3n::gqa_attention.out")
+def _gqa_attention_out_fake(query, k_cache, v_cache, start_pos, *, out):
+    return out
+
+
+@torch.library.register_fake("gemma3n::gqa_attention_int8")
+def _gqa_attention_int8_fake(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos):
+    return query.new_empty(query.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("gemma3n::gqa_attention_int8.out")
+def _gqa_attention_int8_out_fake(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points,
+                                 start_pos, *, out):
+    return out
+
+
+def _portable_lib() -> Path:
+    import executorch.extension.pybindings.portable_lib as portable_lib  # noqa: F401  (the registry)
+
+    from executorch.extension.pybindings import _portable_lib as module
+    return Path(module.__file__)
+
+
+def _flags() -> list[str]:
+    machine = platform.machine().lower()
+    arch = ["-march=native"] if machine in ("x86_64", "amd64") else ["-mcpu=native"]
+    return ["-O3", *arch, "-ffp-contract=fast", "-fPIC", "-shared", "-std=c++17", "-DNDEBUG",
+            "-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS"]
+
+
+def build() -> Path:
+    """The kernel library, compiled now if the source, flags or ExecuTorch changed."""
+    portable = _portable_lib()
+    include = portable.parents[2] / "include"
+    flags = _flags()
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + str(portable).encode()
+                         + str(portable.stat().st_size).encode()).hexdigest()[:16]
+    cache = Path(os.environ.get("GEMMA3N_KERNEL_CACHE", Path.home() / ".cache" / "gemma3n_executorch" / "kernels"))
+    library = cache / f"gqa_attention-{key}.so"
+    if library.exists():
+        return library
+    compiler = shutil.which(os.environ.get("CXX", "g++"))
+    if compiler is None:
+        raise RuntimeError("gemma3n gqa_attention kernel: no C++ compiler (g++ not found; install g++ or set CXX)")
+    cache.mkdir(parents=True, exist_ok=True)
+    handle, partial = tempfile.mkstemp(prefix=f".{library.name}.", suffix=".partial", dir=cache)
+    os.close(handle)
+    command = [compiler, *flags, f"-I{include}", f"-I{include / 'executorch/runtime/core/portable_type/c10'}",
+               str(SOURCE), "-o", partial, f"-L{portable.parent}", f"-l:{portable.name}",
+               f"-Wl,-rpath,{portable.parent}"]
+    try:
+        result = subprocess.run(command, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise RuntimeError(f"gemma3n gqa_attention kernel: compile failed:\n{' '.join(command)}\n{result.stderr}")
+        os.replace(partial, library)
+    finally:
+        if os.path.exists(partial):
+            os.unlink(partial)
+    return library
+
+
+def load_runtime_kernel() -> Path:
+    """Build if needed and register the kernels with ExecuTorch's runtime (once per process)."""
+    global _loaded
+    if _loaded is None:
+        library = build()
+        ctypes.CDLL(str(library))
+        _loaded = library
+    return _loaded

@@ -1,0 +1,465 @@
+// gemma3n::gqa_attention{,_int8}.out: causal grouped-query attention over a static KV cache for
+// ExecuTorch's portable runtime (prototype).
+//
+//   query    [1, n, H, D] float32           (the call's tokens, at positions start_pos + t)
+//   k/v      [1, S, KV, D] float32 | float16 | int8 (int8: value = (q - zero_point) * scale,
+//            scales float32 [1, S, KV, 1], zero points int8 [1, S, KV, 1])
+//   out      [1, n, H, D] float32 = softmax(q . k) v over positions [0, start_pos + t]; scale 1.
+//
+// Every query head of a KV head (H / KV of them) and a block of tokens share each K/V row as it is
+// read; the positions are split across work items (flash-decoding: each item keeps its own running
+// max, sum and accumulator, merged at the end), so one decode token deep in the cache is spread
+// over every thread and read at memory speed. The arithmetic uses GCC/Clang vector extensions
+// (8 floats), which compile to AVX/AVX2+FMA on x86-64 and NEON on aarch64.
+
+#include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
+#include <executorch/runtime/kernel/kernel_includes.h>
+#include <executorch/runtime/kernel/thread_parallel_interface.h>
+
+#include <algorithm>
+#include <cfloat>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <vector>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+#if defined(__ARM_NEON) || defined(__aarch64__)
+#include <arm_neon.h>
+#endif
+
+namespace gemma3n {
+namespace {
+
+using executorch::aten::ScalarType;
+using executorch::aten::Tensor;
+using executorch::runtime::Error;
+using executorch::runtime::KernelRuntimeContext;
+
+typedef float v8 __attribute__((vector_size(32)));
+typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads/stores
+
+constexpr int kTile = 64;        // positions per tile (K and V tiles stay in L1/L2)
+constexpr int kRowBlock = 64;    // query rows (token x head) per work item
+constexpr int kMinPart = 512;    // fewest positions worth a work item of their own
+constexpr int kTargetItems = 32; // enough work items to balance any thread count we run
+
+inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
+inline void store(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
+inline float hsum(v8 v) {
+  return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
+}
+
+// exp(x) for x <= 0 (Cephes' expf polynomial on a 2^n range reduction), written so GCC
+// vectorizes it; relative error ~1e-7. Inputs below -87 flush to ~1e-38.
+inline float fast_exp(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  float t = x * 1.44269504088896341f;
+  float n = (t + 12582912.0f) - 12582912.0f;  // round to nearest
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+enum class Format { F32, F16, I8 };
+
+struct Problem {
+  const float* query;  // [n, H, D]
+  const void* k;       // [S, KV, D]
+  const void* v;
+  const float* k_scales = nullptr;  // [S, KV] (int8 only)
+  const int8_t* k_zero_points = nullptr;
+  const float* v_scales = nullptr;
+  const int8_t* v_zero_points = nullptr;
+  float* out;  // [n, H, D]
+  int64_t n, H, KV, D, start_pos;
+  int64_t rows_per_head;  // H / KV: query heads sharing a KV head
+  int64_t rows;           // n * rows_per_head per KV head
+  int64_t row_blocks, parts;
+};
+
+inline float half_to_float(uint16_t h) {
+  uint32_t sign = (h & 0x8000u) << 16, exp = (h >> 10) & 0x1f, mant = h & 0x3ff, bits;
+  if (exp == 0x1f) {
+    bits = sign | 0x7f800000u | (mant << 13);
+  } else if (exp != 0) {
+    bits = sign | ((exp + 112) << 23) | (mant << 13);
+  } else if (mant == 0) {
+    bits = sign;
+  } else {  // subnormal
+    int shift = 0;
+    while (!(mant & 0x400)) { mant <<= 1; ++shift; }
+    bits = sign | ((113 - shift) << 23) | ((mant & 0x3ff) << 13);
+  }
+  float f;
+  std::memcpy(&f, &bits, sizeof(f));
+  return f;
+}
+
+inline void convert_row(const uint16_t* src, float* dst, int64_t D) {
+  int64_t d = 0;
+#if defined(__F16C__)
+  for (; d + 8 <= D; d += 8)
+    _mm256_storeu_ps(dst + d, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + d))));
+#elif defined(__aarch64__)
+  for (; d + 4 <= D; d += 4)
+    vst1q_f32(dst + d, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + d))));
+#endif
+  for (; d < D; ++d) dst[d] = half_to_float(src[d]);
+}
+
+inline void convert_row(const int8_t* src, float* dst, int64_t D) {
+  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);  // vectorized by GCC -O3
+}
+
+// Scores of 4 query rows (contiguous, stride D) against 2 key rows.
+inline void dot_4x2(const float* __restrict q, int64_t D, const float* __restrict k0,
+                    const float* __restrict k1, float* o0, float* o1) {
+  v8 a00 = {}, a01 = {}, a10 = {}, a11 = {}, a20 = {}, a21 = {}, a30 = {}, a31 = {};
+  const float *q0 = q, *q1 = q + D, *q2 = q + 2 * D, *q3 = q + 3 * D;
+  for (int64_t d = 0; d < D; d += 8) {
+    v8 x0 = load(k0 + d), x1 = load(k1 + d);
+    v8 y = load(q0 + d);
+    a00 += y * x0; a01 += y * x1;
+    y = load(q1 + d);
+    a10 += y * x0; a11 += y * x1;
+    y = load(q2 + d);
+    a20 += y * x0; a21 += y * x1;
+    y = load(q3 + d);
+    a30 += y * x0; a31 += y * x1;
+  }
+  o0[0] = hsum(a00); o0[1] = hsum(a10); o0[2] = hsum(a20); o0[3] = hsum(a30);
+  o1[0] = hsum(a01); o1[1] = hsum(a11); o1[2] = hsum(a21); o1[3] = hsum(a31);
+}
+
+inline float dot_1x1(const float* __restrict q, const float* __restrict k, int64_t D) {
+  v8 a = {}, b = {};
+  int64_t d = 0;
+  for (; d + 16 <= D; d += 16) { a += load(q + d) * load(k + d); b += load(q + d + 8) * load(k + d + 8); }
+  for (; d < D; d += 8) a += load(q + d) * load(k + d);
+  return hsum(a + b);
+}
+
+inline void prefetch_tile(const char* k, const char* v, int64_t g, int64_t KV, int64_t row_bytes, int64_t begin,
+                          int64_t end) {
+  for (int64_t p = begin; p < end; ++p) {
+    const int64_t at = (p * KV + g) * row_bytes;
+    for (int64_t b = 0; b < row_bytes; b += 64) {
+      __builtin_prefetch(k + at + b, 0, 3);
+      __builtin_prefetch(v + at + b, 0, 3);
+    }
+  }
+}
+
+struct Scratch {
+  std::vector<float> q, kbuf, vbuf, scores;
+};
+
+// One work item: KV head g, query rows [row0, row0 + nrows) of that head (token-major), positions
+// [p_begin, p_end). Leaves the unnormalized accumulator, running max and sum of each row.
+template <Format F>
+void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t p_begin,
+              int64_t p_end, float* acc, float* m, float* l) {
+  static thread_local Scratch s;
+  const int64_t D = P.D, R = P.rows_per_head, KV = P.KV;
+  s.q.resize(kRowBlock * D);
+  s.scores.resize(kRowBlock * kTile);
+  if (F != Format::F32) {
+    s.kbuf.resize(kTile * D);
+    s.vbuf.resize(kTile * D);
+  }
+  float* q = s.q.data();
+  float* S = s.scores.data();
+  int64_t limit[kRowBlock];  // last visible position of each row
+  float qsum[kRowBlock], corr[kRowBlock], alpha[kRowBlock];
+  for (int64_t i = 0; i < nrows; ++i) {
+    const int64_t row = row0 + i, t = row / R, h = g * R + row % R;
+    std::memcpy(q + i * D, P.query + (t * P.H + h) * D, D * sizeof(float));
+    limit[i] = P.start_pos + t;
+    float sum = 0;
+    for (int64_t d = 0; d < D; ++d) sum += q[i * D + d];
+    qsum[i] = sum;
+    corr[i] = 0.0f;
+    m[i] = -FLT_MAX;
+    l[i] = 0.0f;
+  }
+  std::memset(acc, 0, nrows * D * sizeof(float));
+
+  const float* krow[kTile];
+  const float* vrow[kTile];
+  float kscale[kTile], kzero[kTile], vscale[kTile], vzero[kTile];
+  const int64_t element = F == Format::F32 ? 4 : F == Format::F16 ? 2 : 1;
+  const char* kbase = static_cast<const char*>(P.k);
+  const char* vbase = static_cast<const char*>(P.v);
+  prefetch_tile(kbase, vbase, g, KV, D * element, p_begin, std::min<int64_t>(p_end, p_begin + kTile));
+  for (int64_t p0 = p_begin; p0 < p_end; p0 += kTile) {
+    const int64_t nt = std::min<int64_t>(kTile, p_end - p0);
+    // The next tile's rows travel while this one is computed: K and V rows of one head are
+    // D elements every KV * D, which the hardware prefetchers follow poorly (V worst: the PV
+    // loop below walks all of a tile's rows for every 16 columns).
+    prefetch_tile(kbase, vbase, g, KV, D * element, p0 + nt, std::min<int64_t>(p_end, p0 + nt + kTile));
+    for (int64_t j = 0; j < nt; ++j) {
+      const int64_t at = (p0 + j) * KV + g;
+      if (F == Format::F32) {
+        krow[j] = static_cast<const float*>(P.k) + at * D;
+        vrow[j] = static_cast<const float*>(P.v) + at * D;
+      } else {
+        float* kd = s.kbuf.data() + j * D;
+        float* vd = s.vbuf.data() + j * D;
+        if (F == Format::F16) {
+          convert_row(static_cast<const uint16_t*>(P.k) + at * D, kd, D);
+          convert_row(static_cast<const uint16_t*>(P.v) + at * D, vd, D);
+        } else {
+          convert_row(static_cast<const int8_t*>(P.k) + at * D, kd, D);
+          convert_row(static_cast<const int8_t*>(P.v) + at * D, vd, D);
+          kscale[j] = P.k_scales[at];
+          kzero[j] = P.k_zero_points[at];
+          vscale[j] = P.v_scales[at];
+          vzero[j] = P.v_zero_points[at];
+        }
+        krow[j] = kd;
+        vrow[j] = vd;
+      }
+    }
+    // Scores S[i][j] = q_i . k_j (int8: the raw dot product, corrected below).
+    int64_t i = 0;
+    for (; i + 4 <= nrows; i += 4) {
+      int64_t j = 0;
+      float o0[4], o1[4];
+      for (; j + 2 <= nt; j += 2) {
+        dot_4x2(q + i * D, D, krow[j], krow[j + 1], o0, o1);
+        for (int r = 0; r < 4; ++r) { S[(i + r) * kTile + j] = o0[r]; S[(i + r) * kTile + j + 1] = o1[r]; }
+      }
+      for (; j < nt; ++j)
+        for (int r = 0; r < 4; ++r) S[(i + r) * kTile + j] = dot_1x1(q + (i + r) * D, krow[j], D);
+    }
+    for (; i < nrows; ++i)
+      for (int64_t j = 0; j < nt; ++j) S[i * kTile + j] = dot_1x1(q + i * D, krow[j], D);
+
+    // Online softmax: weights of this tile, rescale of what came before.
+    for (i = 0; i < nrows; ++i) {
+      float* Si = S + i * kTile;
+      const int64_t visible = std::min<int64_t>(nt, std::max<int64_t>(0, limit[i] - p0 + 1));
+      if (F == Format::I8)
+        for (int64_t j = 0; j < nt; ++j) Si[j] = kscale[j] * (Si[j] - kzero[j] * qsum[i]);
+      float mx = -FLT_MAX;
+      for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, Si[j]);
+      const float m_new = std::max(m[i], mx);
+      alpha[i] = visible ? fast_exp(m[i] - m_new) : 1.0f;
+      float sum = 0.0f;
+      for (int64_t j = 0; j < nt; ++j) {
+        float p = fast_exp(Si[j] - m_new);
+        p = j < visible ? p : 0.0f;
+        sum += p;
+        Si[j] = p;
+      }
+      l[i] = l[i] * alpha[i] + sum;
+      m[i] = m_new;
+      if (F == Format::I8) {
+        float c = 0.0f;
+        for (int64_t j = 0; j < nt; ++j) {
+          Si[j] *= vscale[j];
+          c += Si[j] * vzero[j];
+        }
+        corr[i] = corr[i] * alpha[i] + c;
+      }
+    }
+
+    // acc_i = acc_i * alpha_i + sum_j S[i][j] v_j
+    for (i = 0; i + 4 <= nrows; i += 4) {
+      float* a = acc + i * D;
+      const float* Si = S + i * kTile;
+      const float al0 = alpha[i], al1 = alpha[i + 1], al2 = alpha[i + 2], al3 = alpha[i + 3];
+      for (int64_t d = 0; d < D; d += 16) {
+        v8 a00 = load(a + d) * al0, a01 = load(a + d + 8) * al0;
+        v8 a10 = load(a + D + d) * al1, a11 = load(a + D + d + 8) * al1;
+        v8 a20 = load(a + 2 * D + d) * al2, a21 = load(a + 2 * D + d + 8) * al2;
+        v8 a30 = load(a + 3 * D + d) * al3, a31 = load(a + 3 * D + d + 8) * al3;
+        for (int64_t j = 0; j < nt; ++j) {
+          const v8 x0 = load(vrow[j] + d), x1 = load(vrow[j] + d + 8);
+          float w = Si[j];
+          a00 += w * x0; a01 += w * x1;
+          w = Si[kTile + j];
+          a10 += w * x0; a11 += w * x1;
+          w = Si[2 * kTile + j];
+          a20 += w * x0; a21 += w * x1;
+          w = Si[3 * kTile + j];
+          a30 += w * x0; a31 += w * x1;
+        }
+        store(a + d, a00); store(a + d + 8, a01);
+        store(a + D + d, a10); store(a + D + d + 8, a11);
+        store(a + 2 * D + d, a20); store(a + 2 * D + d + 8, a21);
+        store(a + 3 * D + d, a30); store(a + 3 * D + d + 8, a31);
+      }
+    }
+    for (; i < nrows; ++i) {
+      float* a = acc + i * D;
+      const float* Si = S + i * kTile;
+      for (int64_t d = 0; d < D; d += 8) {
+        v8 x = load(a + d) * alpha[i];
+        for (int64_t j = 0; j < nt; ++j) x += Si[j] * load(vrow[j] + d);
+        store(a + d, x);
+      }
+    }
+  }
+  if (F == Format::I8)
+    for (int64_t i = 0; i < nrows; ++i)
+      for (int64_t d = 0; d < D; ++d) acc[i * D + d] -= corr[i];
+}
+
+template <Format F>
+void attend(Problem& P) {
+  const int64_t D = P.D, R = P.rows_per_head;
+  P.rows = P.n * R;
+  const int64_t tokens_per_block = std::max<int64_t>(1, kRowBlock / R);
+  const int64_t block_rows = tokens_per_block * R;
+  P.row_blocks = (P.n + tokens_per_block - 1) / tokens_per_block;
+  const int64_t length = P.start_pos + P.n;  // positions the last token sees
+  const int64_t want = (kTargetItems + P.KV * P.row_blocks - 1) / (P.KV * P.row_blocks);
+  P.parts = std::max<int64_t>(1, std::min<int64_t>(want, length / kMinPart));
+  const int64_t items = P.row_blocks * P.parts * P.KV;  // KV head fastest: neighbours read neighbours
+  std::unique_ptr<float[]> acc(new float[items * block_rows * D]);
+  std::unique_ptr<float[]> ml(new float[items * block_rows * 2]);
+
+  executorch::extension::parallel_for(0, items, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t g = item % P.KV, part = (item / P.KV) % P.parts, rb = item / (P.KV * P.parts);
+      const int64_t t0 = rb * tokens_per_block, t1 = std::min(P.n, t0 + tokens_per_block);
+      const int64_t block_length = P.start_pos + t1;  // positions the block's last token sees
+      const int64_t p_begin = block_length * part / P.parts, p_end = block_length * (part + 1) / P.parts;
+      float* m = ml.get() + item * block_rows * 2;
+      run_item<F>(P, g, t0 * R, (t1 - t0) * R, p_begin, p_end, acc.get() + item * block_rows * D, m,
+                  m + block_rows);
+    }
+  });
+
+  // Merge the parts of every row and write it out.
+  executorch::extension::parallel_for(0, P.row_blocks * P.KV, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t job = begin; job < end; ++job) {
+      const int64_t g = job % P.KV, rb = job / P.KV;
+      const int64_t t0 = rb * tokens_per_block, t1 = std::min(P.n, t0 + tokens_per_block);
+      for (int64_t i = 0; i < (t1 - t0) * R; ++i) {
+        const int64_t row = t0 * R + i, t = row / R, h = g * R + row % R;
+        float* o = P.out + (t * P.H + h) * D;
+        float mx = -FLT_MAX;
+        for (int64_t part = 0; part < P.parts; ++part) {
+          const int64_t item = (rb * P.parts + part) * P.KV + g;
+          const float* m = ml.get() + item * block_rows * 2;
+          if (m[block_rows + i] > 0.0f) mx = std::max(mx, m[i]);
+        }
+        float total = 0.0f;
+        std::memset(o, 0, D * sizeof(float));
+        for (int64_t part = 0; part < P.parts; ++part) {
+          const int64_t item = (rb * P.parts + part) * P.KV + g;
+          const float* m = ml.get() + item * block_rows * 2;
+          if (!(m[block_rows + i] > 0.0f)) continue;  // no visible position in this part
+          const float w = fast_exp(m[i] - mx);
+          total += w * m[block_rows + i];
+          const float* a = acc.get() + item * block_rows * D + i * D;
+          for (int64_t d = 0; d < D; ++d) o[d] += w * a[d];
+        }
+        const float inv = 1.0f / total;
+        for (int64_t d = 0; d < D; ++d) o[d] *= inv;
+      }
+    }
+  });
+}
+
+bool check_common(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
+                  const Tensor& v_cache, int64_t start_pos, Tensor& out) {
+  ET_CHECK_OR_RETURN_FALSE(query.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
+                           "gqa_attention: query and caches must be 4-D");
+  ET_CHECK_OR_RETURN_FALSE(query.scalar_type() == ScalarType::Float, "gqa_attention: query must be float32");
+  ET_CHECK_OR_RETURN_FALSE(query.size(0) == 1 && k_cache.size(0) == 1, "gqa_attention: batch must be 1");
+  ET_CHECK_OR_RETURN_FALSE(k_cache.scalar_type() == v_cache.scalar_type(), "gqa_attention: k/v dtypes differ");
+  for (int d = 0; d < 4; ++d)
+    ET_CHECK_OR_RETURN_FALSE(k_cache.size(d) == v_cache.size(d), "gqa_attention: k/v shapes differ");
+  const int64_t H = query.size(2), KV = k_cache.size(2), D = query.size(3);
+  ET_CHECK_OR_RETURN_FALSE(k_cache.size(3) == D && D % 16 == 0, "gqa_attention: head dim %" PRId64
+                           " must match the cache and be a multiple of 16", D);
+  ET_CHECK_OR_RETURN_FALSE(KV > 0 && H % KV == 0, "gqa_attention: %" PRId64 " query heads over %" PRId64
+                           " KV heads", H, KV);
+  ET_CHECK_OR_RETURN_FALSE(start_pos >= 0 && start_pos + query.size(1) <= k_cache.size(1),
+                           "gqa_attention: positions [%" PRId64 ", %" PRId64 ") beyond the cache's %" PRId64,
+                           start_pos, start_pos + (int64_t)query.size(1), (int64_t)k_cache.size(1));
+  ET_CHECK_OR_RETURN_FALSE(out.scalar_type() == ScalarType::Float, "gqa_attention: out must be float32");
+  ET_CHECK_OR_RETURN_FALSE(executorch::runtime::resize_tensor(out, query.sizes()) == Error::Ok,
+                           "gqa_attention: cannot resize out");
+  (void)ctx;
+  return true;
+}
+
+Problem make_problem(const Tensor& query, const Tensor& k_cache, const Tensor& v_cache, int64_t start_pos,
+                     Tensor& out) {
+  Problem P;
+  P.query = query.const_data_ptr<float>();
+  P.k = k_cache.const_data_ptr();
+  P.v = v_cache.const_data_ptr();
+  P.out = out.mutable_data_ptr<float>();
+  P.n = query.size(1);
+  P.H = query.size(2);
+  P.D = query.size(3);
+  P.KV = k_cache.size(2);
+  P.start_pos = start_pos;
+  P.rows_per_head = P.H / P.KV;
+  return P;
+}
+
+Tensor& gqa_attention_out(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
+                          const Tensor& v_cache, int64_t start_pos, Tensor& out) {
+  ET_KERNEL_CHECK(ctx, check_common(ctx, query, k_cache, v_cache, start_pos, out), InvalidArgument, out);
+  if (query.size(1) == 0) return out;
+  Problem P = make_problem(query, k_cache, v_cache, start_pos, out);
+  if (k_cache.scalar_type() == ScalarType::Float) {
+    attend<Format::F32>(P);
+  } else if (k_cache.scalar_type() == ScalarType::Half) {
+    attend<Format::F16>(P);
+  } else {
+    ET_KERNEL_CHECK_MSG(ctx, false, InvalidArgument, out, "gqa_attention: caches must be float32 or float16");
+  }
+  return out;
+}
+
+Tensor& gqa_attention_int8_out(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
+                               const Tensor& v_cache, const Tensor& k_scales, const Tensor& k_zero_points,
+                               const Tensor& v_scales, const Tensor& v_zero_points, int64_t start_pos,
+                               Tensor& out) {
+  ET_KERNEL_CHECK(ctx, check_common(ctx, query, k_cache, v_cache, start_pos, out), InvalidArgument, out);
+  ET_KERNEL_CHECK_MSG(ctx, k_cache.scalar_type() == ScalarType::Char, InvalidArgument, out,
+                      "gqa_attention_int8: caches must be int8");
+  const Tensor* scales[] = {&k_scales, &v_scales};
+  const Tensor* zeros[] = {&k_zero_points, &v_zero_points};
+  for (int w = 0; w < 2; ++w) {
+    ET_KERNEL_CHECK_MSG(ctx, scales[w]->scalar_type() == ScalarType::Float && zeros[w]->scalar_type() == ScalarType::Char,
+                        InvalidArgument, out, "gqa_attention_int8: scales float32, zero points int8");
+    ET_KERNEL_CHECK_MSG(ctx, scales[w]->numel() == k_cache.size(1) * k_cache.size(2) &&
+                        zeros[w]->numel() == scales[w]->numel(), InvalidArgument, out,
+                        "gqa_attention_int8: one scale and zero point per position and head");
+  }
+  if (query.size(1) == 0) return out;
+  Problem P = make_problem(query, k_cache, v_cache, start_pos, out);
+  P.k_scales = k_scales.const_data_ptr<float>();
+  P.v_scales = v_scales.const_data_ptr<float>();
+  P.k_zero_points = k_zero_points.const_data_ptr<int8_t>();
+  P.v_zero_points = v_zero_points.const_data_ptr<int8_t>();
+  attend<Format::I8>(P);
+  return out;
+}
+
+}  // namespace
+}  // namespace gemma3n
+
+EXECUTORCH_LIBRARY(gemma3n, "gqa_attention.out", gemma3n::gqa_attention_out);
+EXECUTORCH_LIBRARY(gemma3n, "gqa_attention_int8.out", gemma3n::gqa_attention_int8_out);
