@@ -11,7 +11,7 @@ import dataclasses
 from pathlib import Path
 
 from . import preflight
-from .options import (BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT_LENGTH, DEFAULT_MAX_SEQ_LENGTH,
+from .options import (ATTENTION_KERNELS, BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT_LENGTH, DEFAULT_MAX_SEQ_LENGTH,
                       DEFAULT_SEQ_LEN, DTYPES, EMBEDDING_SCHEMES, FIXED, KV, KV_CACHE_DTYPES, LINEAR_SCHEMES,
                       MODE_DEFAULTS, MODES, PER_CHANNEL, XNNPACK_GROUP_MULTIPLE, ExportOptions, resolve)
 from .progress import StageTimer, UserError, gib, human_bytes, log, peak_rss_bytes, run_cli
@@ -41,6 +41,8 @@ def default_output(variant: Variant, options: ExportOptions) -> Path:
         parts.append(f"emb{options.embeddings}")
     if options.mode == KV and options.kv_cache != MODE_DEFAULTS[KV]["kv_cache"]:
         parts.append(f"kv{options.kv_cache}")
+    if options.mode == KV and options.attention_kernel != ATTENTION_KERNELS[0]:
+        parts.append(f"attn{options.attention_kernel}")
     if options.backend != "portable":
         parts.append(options.backend)
     return Path("-".join(parts) + ".pte")
@@ -61,7 +63,8 @@ def prepare(model, options: ExportOptions, timer: StageTimer):
     if options.mode == FIXED:
         module = tasks.FixedWindowLM(model, options.seq_len).eval()
     else:
-        module = tasks.KVCacheLM(model, options.seq_len, options.context_len, options.kv_cache).eval()
+        module = tasks.KVCacheLM(model, options.seq_len, options.context_len, options.kv_cache,
+                                 options.attention_kernel).eval()
     lowering.prepare_for_backend(module, options.backend)
     return module
 
@@ -81,7 +84,7 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
     module = prepare(loaded.model, options, timer)
     info = ProgramInfo(
         variant=variant.name, source=loaded.source, mode=options.mode, seq_len=options.seq_len,
-        context_len=options.context_len, kv_cache=options.kv_cache,
+        context_len=options.context_len, kv_cache=options.kv_cache, attention_kernel=options.attention_kernel,
         vocab_size=loaded.config.vocab_size, dtype=options.dtype, quantize=options.quantize,
         embeddings=options.embeddings, group_size=options.group_size, backend=options.backend,
     )
@@ -193,6 +196,11 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
                              f"{DEFAULT_MAX_CONTEXT_LENGTH}, the model's own limit)")
     parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES,
                         help=f"kv mode: the cache's precision (default {kv['kv_cache']})")
+    parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS,
+                        help="kv mode: what runs the full-attention layers: ExecuTorch's own kernel, which every "
+                             "ExecuTorch runtime has, or this project's, which reads each KV head once (much faster "
+                             "deep in an int8 cache) and which the app must link (README, 'Attention kernels'); "
+                             f"default {ATTENTION_KERNELS[0]}")
     parser.add_argument("--max-seq-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.max_seq_len is not None:
@@ -203,7 +211,8 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
         parser.error("--seq-len, --max-seq-length and --max-context-length must be at least 2")
     try:
         options = resolve(args.mode, args.dtype, args.quantize, args.quantize_embeddings, args.backend,
-                          args.group_size, args.model, length, args.max_context_length, args.kv_cache)
+                          args.group_size, args.model, length, args.max_context_length, args.kv_cache,
+                          args.attention_kernel)
     except ValueError as error:
         parser.error(str(error))
     return options, args.output or default_output(variant, options), args.verbose
@@ -228,7 +237,7 @@ def export_and_report(variant: Variant, options: ExportOptions, output: Path, ve
     log(f"exporting Gemma 3n {variant.name} ({options.model}) -> {output}: mode {options.mode}, "
         f"{options.dtype}, {describe_quantization(options)}, backend {options.backend}, "
         + (f"max_seq_length {options.seq_len}, max_context_length {options.context_len}, "
-           f"{options.kv_cache} KV cache" if options.mode == KV else f"seq_len {options.seq_len}"))
+           f"{options.kv_cache} KV cache, {options.attention_kernel} attention kernel" if options.mode == KV else f"seq_len {options.seq_len}"))
     summary = export_program(variant, options, output, verbose=verbose)
     stages = ", ".join(f"{name} {seconds:.1f} s" for name, seconds in summary["seconds"].items())
     log(f"wrote {output} ({human_bytes(summary['bytes'])}) in {summary['total_seconds']:.1f} s [{stages}]; "

@@ -262,6 +262,9 @@ def probe_stock_runner(probe: Probe, work: Path) -> dict:
     tokenizer.write_text(probe_tokenizer_json(layout.tables["token_embedding"].rows))
     refusal = mlock_refusal()
     recorder = Recorder(probe.program, layout)
+    from . import kernel
+
+    kernel.load_for_program(probe.program)
     runner = TextLLMRunner(str(probe.program), str(tokenizer))
     if probe.advise_random:
         program_file.advise_random_access(probe.program)

@@ -33,6 +33,7 @@ class ProgramInfo:
     seq_len: int  # fixed: the window; kv: max_seq_length, the most tokens one call takes
     context_len: int  # kv: max_context_length, the positions the cache holds; fixed: the window
     kv_cache: str  # kv: the cache's precision (options.KV_CACHE_DTYPES); fixed: "none"
+    attention_kernel: str  # kv: what runs full attention (options.ATTENTION_KERNELS); fixed: "none"
     vocab_size: int
     dtype: str  # "fp32" / "bf16" / "fp16"
     quantize: str  # linear layers: options.LINEAR_SCHEMES

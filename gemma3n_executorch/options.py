@@ -17,6 +17,10 @@ EMBEDDING_SCHEMES = ("none", "8w", "4w")
 BACKENDS = ("portable", "xnnpack")
 # The KV cache's precision (kv mode; tasks.KV_CACHE_DTYPES has one cache class for each).
 KV_CACHE_DTYPES = ("fp32", "int8")
+# What runs the full-attention layers' attention (kv mode): ExecuTorch's llama::custom_sdpa, which any
+# ExecuTorch 1.4.1 runtime has, or this project's gemma3n::gqa_attention (gemma3n_executorch/kernel),
+# which reads each KV head once for the query heads sharing it and which the runtime must load.
+ATTENTION_KERNELS = ("executorch", "gemma3n")
 DEFAULT_GROUP_SIZE = 128  # measured: faster on XNNPACK than 32 (docs/benchmarks.md), and smaller
 PER_CHANNEL = 0  # --group-size 0: one int4 scale per output channel (XNNPACK's fastest 4-bit kernels)
 # XNNPACK's grouped 4-bit kernels take groups of a multiple of 32 weights (a group of 16 lowers,
@@ -49,6 +53,7 @@ class ExportOptions:
     seq_len: int  # fixed: window length; kv: tokens per call (max_seq_length)
     context_len: int  # kv: positions the cache holds (max_context_length); fixed: the window
     kv_cache: str  # kv: KV_CACHE_DTYPES; fixed: "none"
+    attention_kernel: str = ATTENTION_KERNELS[0]  # kv: ATTENTION_KERNELS; fixed: "none"
     # kv: no --max-context-length / --max-seq-length was given: a model with fewer positions lowers them
     context_is_default: bool = False
     seq_len_is_default: bool = False
@@ -60,7 +65,7 @@ class ExportOptions:
 
 def resolve(mode: str, dtype: str | None, quantize: str | None, embeddings: str | None, backend: str | None,
             group_size: int, model: str, seq_len: int | None, context_len: int | None = None,
-            kv_cache: str | None = None) -> ExportOptions:
+            kv_cache: str | None = None, attention_kernel: str | None = None) -> ExportOptions:
     """Fill what was not given from the mode's defaults, so that an explicit choice pulls in what
     it needs (``--quantize 8da4w`` alone means XNNPACK and fp32); refuse combinations that have no
     kernels, with a message that says what to pass instead (ValueError)."""
@@ -86,11 +91,12 @@ def resolve(mode: str, dtype: str | None, quantize: str | None, embeddings: str 
     seq_len_is_default = mode == KV and seq_len is None
     seq_len = seq_len or (DEFAULT_MAX_SEQ_LENGTH if mode == KV else DEFAULT_SEQ_LEN)
     if mode == FIXED:
-        context_len, kv_cache = seq_len, "none"
+        context_len, kv_cache, attention_kernel = seq_len, "none", "none"
     else:
         context_is_default = context_len is None
         context_len = context_len or DEFAULT_MAX_CONTEXT_LENGTH
         kv_cache = kv_cache or defaults["kv_cache"]
+        attention_kernel = attention_kernel or ATTENTION_KERNELS[0]
         if seq_len_is_default:
             seq_len = min(seq_len, context_len)
         if seq_len > context_len:
@@ -99,4 +105,4 @@ def resolve(mode: str, dtype: str | None, quantize: str | None, embeddings: str 
     return ExportOptions(model=model, mode=mode, dtype=dtype, quantize=quantize, embeddings=embeddings,
                          group_size=group_size, backend=backend, seq_len=seq_len, context_len=context_len,
                          kv_cache=kv_cache, context_is_default=context_is_default,
-                         seq_len_is_default=seq_len_is_default)
+                         seq_len_is_default=seq_len_is_default, attention_kernel=attention_kernel)

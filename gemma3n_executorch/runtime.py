@@ -81,6 +81,10 @@ class Program:
                     raise UserError(f"{self.path}: no {missing[0]} metadata; it was not exported by this tool")
                 self.info = ProgramInfo(**{name[len(PREFIX):]: self.constant(name)
                                            for name in ProgramInfo.method_names()})
+                if self.info.attention_kernel == "gemma3n":
+                    from . import kernel
+
+                    kernel.load_runtime_kernel()
                 self._forward = self._program.load_method("forward")  # XNNPACK packs its weights here
             except (MemoryError, RuntimeError) as error:
                 raise self.load_error(error, log.take_lines()) from None

@@ -28,6 +28,9 @@ def printed(program: Path, tokenizer: Path, prompt: str, max_new_tokens: int) ->
     statistics line and the stop token."""
     from executorch.extension.llm.runner import GenerationConfig, TextLLMRunner
 
+    from . import kernel
+
+    kernel.load_for_program(program)  # an app links it; here, the same process's registry
     runner = TextLLMRunner(str(program), str(tokenizer))
     sys.stdout.flush()
     saved = os.dup(1)

@@ -27,7 +27,8 @@ from transformers.models.gemma3n.modeling_gemma3n import Gemma3nTextAttention, a
 import executorch.kernels.quantized  # noqa: F401  out variants of quantized_decomposed.* (the int8 cache)
 from executorch.extension.llm.custom_ops import custom_ops  # noqa: F401  registers torch.ops.llama.*
 
-from .options import KV_CACHE_DTYPES
+from . import kernel  # noqa: F401  defines torch.ops.gemma3n.* (the kernel itself is built only to run)
+from .options import ATTENTION_KERNELS, KV_CACHE_DTYPES
 from .variants import EOS_ID
 
 SLIDING, FULL = "sliding_attention", "full_attention"
@@ -75,6 +76,9 @@ class FloatCache(nn.Module):
         return torch.ops.llama.custom_sdpa(query, self.k_cache, self.v_cache, start_pos, mask, 0.0,
                                            mask is None and causal, 1.0)
 
+    def attend_causal_gqa(self, query, start_pos):
+        return torch.ops.gemma3n.gqa_attention(query, self.k_cache, self.v_cache, start_pos)
+
 
 class Int8Cache(nn.Module):
     """Keys and values quantized to int8 with one scale and zero point per position and head (a
@@ -104,6 +108,10 @@ class Int8Cache(nn.Module):
             zero_point, scale, self.k_zero_points, self.k_scales, self.v_zero_points, self.v_scales)
         return output.to(query.dtype)
 
+    def attend_causal_gqa(self, query, start_pos):
+        return torch.ops.gemma3n.gqa_attention_int8(query, self.k_cache, self.v_cache, self.k_scales,
+                                                    self.k_zero_points, self.v_scales, self.v_zero_points, start_pos)
+
 
 CACHE_CLASSES = dict(zip(KV_CACHE_DTYPES, (FloatCache, Int8Cache)))
 
@@ -126,8 +134,9 @@ class CachedAttention(nn.Module):
     """Gemma 3n attention over a static cache: owners write their new keys and values, then every
     layer attends over the cache of its attention type (its own, or the one it shares)."""
 
-    def __init__(self, source: Gemma3nTextAttention, slots: int, cache_class):
+    def __init__(self, source: Gemma3nTextAttention, slots: int, cache_class, gqa_kernel: bool):
         super().__init__()
+        self.gqa_kernel = gqa_kernel
         config = source.config
         self.layer_type = source.layer_type
         self.ring = self.layer_type == SLIDING
@@ -161,6 +170,8 @@ class CachedAttention(nn.Module):
         # attention_mask: the ring's visibility mask for sliding layers, None (causal) for full ones.
         if self.ring:
             output = attend_ring(cache, query, attention_mask, self.kv_heads)
+        elif self.gqa_kernel:
+            output = cache.attend_causal_gqa(query, start_pos)
         else:
             output = attend_full(cache, query, start_pos, later_start_pos, self.kv_heads)
         return self.o_proj(output.reshape(batch, length, -1)), None
@@ -213,7 +224,8 @@ def ring_size(sliding_window: int, max_seq_len: int, max_context_len: int) -> in
 
 
 class KVCacheLM(nn.Module):
-    def __init__(self, model: nn.Module, max_seq_len: int, max_context_len: int, kv_cache: str = "fp32"):
+    def __init__(self, model: nn.Module, max_seq_len: int, max_context_len: int, kv_cache: str = "fp32",
+                 attention_kernel: str = ATTENTION_KERNELS[0]):
         super().__init__()
         self.model = model
         self.max_seq_len = max_seq_len
@@ -225,7 +237,7 @@ class KVCacheLM(nn.Module):
         for layer in model.model.layers:
             attention = layer.self_attn
             slots = self.ring_slots if attention.layer_type == SLIDING else max_context_len
-            layer.self_attn = CachedAttention(attention, slots, cache_class)
+            layer.self_attn = CachedAttention(attention, slots, cache_class, attention_kernel == "gemma3n")
 
     def ring_mask(self, positions: torch.Tensor) -> torch.Tensor:
         """[n * r, ring] additive mask: which slot each folded query row (r per token, see

@@ -27,17 +27,20 @@ LENGTHS = ("--max-context-length", str(CONTEXT), "--max-seq-length", str(CHUNK))
 FP32_WEIGHTS = ("--dtype", "fp32", "--quantize", "none", "--quantize-embeddings", "none", "--backend", "portable")
 FP32 = (*FP32_WEIGHTS, "--kv-cache", "fp32")
 KV_FLAGS = ("--mode", "kv", *LENGTHS, *FP32)
+# The same with this project's attention kernel in the full-attention layers (gemma3n_executorch/kernel).
+GQA_KV_FLAGS = (*KV_FLAGS, "--attention-kernel", "gemma3n")
 NEW_TOKENS = 64
 # 40 tokens: four calls of 12, 12, 12 and 4, whose boundaries fall inside the windows of 16.
 PROMPT = [BOS_ID] + parity.probe_tokens(40, 512, BOS_ID)[1:]
 
 
-@pytest.mark.parametrize("variant", ["e2b", "e4b"])
-def test_greedy_tokens_equal_hugging_face_generate(programs, tiny_models, variant):
+@pytest.mark.parametrize("variant, flags", [("e2b", KV_FLAGS), ("e4b", KV_FLAGS), ("e2b", GQA_KV_FLAGS)],
+                         ids=["e2b", "e4b", "e2b-gemma3n-kernel"])
+def test_greedy_tokens_equal_hugging_face_generate(programs, tiny_models, variant, flags):
     model = tiny_models(variant)
     window = model.config.sliding_window
     assert len(PROMPT) > CHUNK and len(PROMPT) + NEW_TOKENS > 4 * window  # chunked, and the window slides
-    program = Program(programs.get(variant, *KV_FLAGS))
+    program = Program(programs.get(variant, *flags))
     assert tasks.ring_size(window, CHUNK, CONTEXT) < len(PROMPT) + NEW_TOKENS  # the ring wraps around
     logits = program.step(PROMPT)
     tokens = []
@@ -63,6 +66,17 @@ def test_one_call_chunked_and_token_by_token_prefill_agree(programs):
         last = one_by_one.step([token])
     for other in (chunked, ragged, last):
         assert (whole - other).abs().max().item() <= 1e-4
+
+
+def test_gemma3n_kernel_gives_the_executorch_kernels_logits(programs):
+    """The same program with this project's attention kernel in the full-attention layers: the
+    logits of a chunked prefill and of every decode step after it agree within 1e-4."""
+    programs_by_kernel = [Program(programs.get("e2b", *flags)) for flags in (KV_FLAGS, GQA_KV_FLAGS)]
+    rows = [[program.step(PROMPT)] + [program.step([token]) for token in PROMPT[:NEW_TOKENS]]
+            for program in programs_by_kernel]
+    executorch_kernel, gemma3n_kernel = (torch.stack(r) for r in rows)
+    assert programs_by_kernel[1].info.attention_kernel == "gemma3n"
+    assert (executorch_kernel - gemma3n_kernel).abs().max().item() <= 1e-4
 
 
 def test_planned_memory_grows_only_by_the_full_attention_caches(programs, tiny_models):
@@ -112,7 +126,7 @@ def runner_text(path, prompt: str, max_new_tokens: int) -> bytes:
     return stock_runner.printed(path, tokenizer_path_for(path), prompt, max_new_tokens)
 
 
-@pytest.mark.parametrize("flags", [KV_FLAGS, PHONE_FLAGS], ids=["portable-fp32", "phone"])
+@pytest.mark.parametrize("flags", [KV_FLAGS, PHONE_FLAGS, GQA_KV_FLAGS], ids=["portable-fp32", "phone", "gemma3n-kernel"])
 def test_stock_runner_produces_the_same_text(programs, flags):
     path = programs.get("e2b", *flags)
     tokenizer = load_tokenizer(tokenizer_path_for(path))

@@ -6,7 +6,8 @@ the real architecture (gemma3n_executorch/architectures/), in one run on one mac
 
 A configuration is a name made of export options joined by '-': a backend (portable, xnnpack),
 a dtype (fp32, bf16), a linear scheme (int8, 8da4w), an embedding scheme (emb8w, emb4w), a
-group size (g32), a KV cache precision (kvfp32, kvint8), the positions the cache holds (ctx4096)
+group size (g32), a KV cache precision (kvfp32, kvint8), the full-attention kernel (attnexecutorch,
+attngemma3n), the positions the cache holds (ctx4096)
 and the tokens one call takes (chunk256); quantization not named is off (the KV cache fp32), the dtype defaults to
 fp32, the backend to what the quantization needs (xnnpack for 8da4w and quantized embeddings,
 else portable), the lengths to --max-context-length and --max-seq-length. 'phone' is the --mode

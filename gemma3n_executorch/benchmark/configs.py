@@ -4,7 +4,7 @@ for, and the random-weight model and prompt every one of them is measured on."""
 from __future__ import annotations
 
 from .. import litertlm
-from ..options import (BACKENDS, DEFAULT_GROUP_SIZE, DTYPES, EMBEDDING_SCHEMES, KV, KV_CACHE_DTYPES, LINEAR_SCHEMES,
+from ..options import (ATTENTION_KERNELS, BACKENDS, DEFAULT_GROUP_SIZE, DTYPES, EMBEDDING_SCHEMES, KV, KV_CACHE_DTYPES, LINEAR_SCHEMES,
                        resolve)
 from ..progress import UserError
 from ..variants import BOS_ID, TINY_MODEL, VARIANTS
@@ -18,7 +18,7 @@ DEFAULT_CONFIGS = ["eager-fp32", "eager-bf16", PHONE]
 
 def parse_config(name: str, model: str, max_seq_length: int, max_context_length: int):
     """'xnnpack-8da4w-emb4w-g64' -> ExportOptions; 'phone' -> the --mode kv defaults;
-    'phone-kvfp32-ctx2048' -> those with the named parts changed."""
+    'phone-kvint8-attngemma3n-ctx2048' -> those with the named parts changed."""
     parts = name.split("-")
     if parts[0] == PHONE:
         chosen = dict(dtype=None, quantize=None, embeddings=None, backend=None, kv_cache=None)
@@ -37,6 +37,8 @@ def parse_config(name: str, model: str, max_seq_length: int, max_context_length:
             chosen["embeddings"] = part[3:]
         elif part.startswith("kv") and part[2:] in KV_CACHE_DTYPES:
             chosen["kv_cache"] = part[2:]
+        elif part.startswith("attn") and part[4:] in ATTENTION_KERNELS:
+            chosen["attention_kernel"] = part[4:]
         elif part.startswith("g") and part[1:].isdigit():
             chosen["group_size"] = int(part[1:])
         elif part.startswith("ctx") and part[3:].isdigit():
@@ -45,7 +47,8 @@ def parse_config(name: str, model: str, max_seq_length: int, max_context_length:
             chosen["seq_len"] = int(part[5:])
         else:
             raise UserError(f"--configs: {part!r} in {name!r} is not a backend {BACKENDS}, dtype {DTYPES}, "
-                            f"linear scheme {LINEAR_SCHEMES}, emb{{8w,4w}}, kv{{fp32,int8}}, gN, ctxN or chunkN")
+                            f"linear scheme {LINEAR_SCHEMES}, emb{{8w,4w}}, kv{{fp32,int8}}, "
+                            f"attn{{{','.join(ATTENTION_KERNELS)}}}, gN, ctxN or chunkN")
     phone = name.split("-")[0] == PHONE
     if not phone and chosen["backend"] is None and chosen["quantize"] != "8da4w" and chosen["embeddings"] == "none":
         chosen["backend"] = "portable"

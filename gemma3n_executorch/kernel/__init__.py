@@ -34,6 +34,9 @@ from pathlib import Path
 
 import torch
 
+from ..metadata import PREFIX
+from ..progress import UserError
+
 SOURCE = Path(__file__).with_name("gqa_attention.cpp")
 _LIBRARY = torch.library.Library("gemma3n", "DEF")
 _loaded: Path | None = None
@@ -143,7 +146,8 @@ def build() -> Path:
         return library
     compiler = shutil.which(os.environ.get("CXX", "g++"))
     if compiler is None:
-        raise RuntimeError("gemma3n gqa_attention kernel: no C++ compiler (g++ not found; install g++ or set CXX)")
+        raise UserError("this program uses the gemma3n attention kernel, which is compiled on first use, and no C++ "
+                        "compiler was found: install g++ (or set CXX), or re-export with --attention-kernel executorch")
     cache.mkdir(parents=True, exist_ok=True)
     handle, partial = tempfile.mkstemp(prefix=f".{library.name}.", suffix=".partial", dir=cache)
     os.close(handle)
@@ -153,12 +157,25 @@ def build() -> Path:
     try:
         result = subprocess.run(command, capture_output=True, text=True)
         if result.returncode != 0:
-            raise RuntimeError(f"gemma3n gqa_attention kernel: compile failed:\n{' '.join(command)}\n{result.stderr}")
+            first = next((line for line in result.stderr.splitlines() if "error" in line), result.stderr.strip()[:300])
+            raise UserError(f"the gemma3n attention kernel did not compile ({first}); re-export with "
+                            "--attention-kernel executorch, or report it with the output of: " + " ".join(command))
         os.replace(partial, library)
     finally:
         if os.path.exists(partial):
             os.unlink(partial)
     return library
+
+
+def load_for_program(path: Path | str) -> None:
+    """Load the kernels if the program at ``path`` was exported to use them (its metadata says so):
+    for runners that are handed a path, such as ExecuTorch's TextLLMRunner."""
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(Path(path))
+    name = PREFIX + "attention_kernel"
+    if name in program.method_names and program.load_method(name).execute([])[0] == "gemma3n":
+        load_runtime_kernel()
 
 
 def load_runtime_kernel() -> Path:
