@@ -13,8 +13,10 @@ The caches follow Gemma 3n's attention pattern. A full-attention layer that owns
 position of the context. A sliding layer only ever sees its last ``sliding_window`` positions,
 so it keeps a ring of ``sliding_window + max_seq_len`` slots (a chunk's first query still needs
 the window before the chunk): the ring's size does not depend on the context, and neither does
-its mask, ``[n, ring]``, built once per call and shared by every sliding layer. KV-shared layers
-read the cache of the last owner of their attention type, ring or full, with the same mask.
+its mask, ``[n * r, ring]`` (a row per query head of a KV head's r, see fold_query_heads), built
+once per call and shared by every sliding layer. KV-shared layers read the cache of the last owner
+of their attention type, ring or full, with the same mask. Full attention runs on ExecuTorch's
+kernel (attend_full) or, with ``--attention-kernel gemma3n``, on this project's (kernel/).
 """
 
 from __future__ import annotations
