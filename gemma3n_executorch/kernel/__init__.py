@@ -133,13 +133,22 @@ def _flags() -> list[str]:
             "-DET_USE_THREADPOOL", "-DC10_USING_CUSTOM_GENERATED_MACROS"]
 
 
+def _cpu_features() -> bytes:
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return platform.processor().encode()
+    return next((line for line in lines if line.startswith(("flags", "Features"))), "").encode()
+
+
 def build() -> Path:
     """The kernel library, compiled now if the source, flags or ExecuTorch changed."""
     portable = _portable_lib()
     include = portable.parents[2] / "include"
     flags = _flags()
+    # -march=native: a library built on one CPU may not run on another that shares the home directory.
     key = hashlib.sha256(SOURCE.read_bytes() + " ".join(flags).encode() + str(portable).encode()
-                         + str(portable.stat().st_size).encode()).hexdigest()[:16]
+                         + str(portable.stat().st_size).encode() + _cpu_features()).hexdigest()[:16]
     cache = Path(os.environ.get("GEMMA3N_KERNEL_CACHE", Path.home() / ".cache" / "gemma3n_executorch" / "kernels"))
     library = cache / f"gqa_attention-{key}.so"
     if library.exists():
