@@ -214,10 +214,16 @@ def test_sigterm_during_the_write_leaves_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def ctrl_c_reaches_it() -> None:
+    """In the child, before Python starts: SIGINT handled as in a terminal. A shell without job
+    control starts background commands (`pytest ... &`) with SIGINT ignored, and Python keeps that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_sigint_during_lowering_exits_130_with_one_line_and_no_file(tmp_path):
     output = tmp_path / "m.pte"
     process = subprocess.Popen([sys.executable, str(REPO / "e2b" / "export.py"), "--model", "tiny", "--seq-len", "8",
-                                "--output", str(output)], stderr=subprocess.PIPE, text=True)
+                                "--output", str(output)], stderr=subprocess.PIPE, text=True, preexec_fn=ctrl_c_reaches_it)
     lines = []
     for line in process.stderr:
         lines.append(line)
@@ -249,7 +255,8 @@ def test_sigint_during_generation_exits_130_with_one_line(programs):
     greedy text runs past 1500 tokens without a stop token), so the signal lands mid-generation."""
     process = subprocess.Popen([sys.executable, str(REPO / "generate.py"), str(programs.get("e2b", "--dtype", "fp32")),
                                 "--prompt", "Hello", "--max-new-tokens", "100000"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONWARNINGS="ignore"))
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=dict(os.environ, PYTHONWARNINGS="ignore"),
+                               preexec_fn=ctrl_c_reaches_it)
     streamed = process.stdout.read(1)  # the first token's text has been printed
     process.send_signal(signal.SIGINT)
     streamed += process.stdout.read()
