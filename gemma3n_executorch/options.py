@@ -16,7 +16,7 @@ LINEAR_SCHEMES = ("none", "int8", "8da4w")
 EMBEDDING_SCHEMES = ("none", "8w", "4w")
 BACKENDS = ("portable", "xnnpack")
 # The KV cache's precision (kv mode; tasks.KV_CACHE_DTYPES has one cache class for each).
-KV_CACHE_DTYPES = ("fp32", "int8")
+KV_CACHE_DTYPES = ("fp32", "fp16", "int8")
 # What runs the full-attention layers' attention (kv mode): ExecuTorch's llama::custom_sdpa, which any
 # ExecuTorch 1.4.1 runtime has, or this project's gemma3n::gqa_attention (gemma3n_executorch/kernel),
 # which reads each KV head once for the query heads sharing it and which the runtime must load.
@@ -97,6 +97,11 @@ def resolve(mode: str, dtype: str | None, quantize: str | None, embeddings: str 
         context_len = context_len or DEFAULT_MAX_CONTEXT_LENGTH
         kv_cache = kv_cache or defaults["kv_cache"]
         attention_kernel = attention_kernel or ATTENTION_KERNELS[0]
+        if attention_kernel == "gemma3n" and dtype != "fp32":
+            raise ValueError("--attention-kernel gemma3n attends with fp32 queries: use --dtype fp32")
+        if kv_cache == "fp16" and attention_kernel != "gemma3n":
+            raise ValueError("--kv-cache fp16 is read by this project's attention kernel only (ExecuTorch's would "
+                             "widen the whole cache every token): add --attention-kernel gemma3n")
         if seq_len_is_default:
             seq_len = min(seq_len, context_len)
         if seq_len > context_len:

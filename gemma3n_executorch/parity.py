@@ -55,6 +55,12 @@ def tolerance_for(dtype: str, quantize: str, embeddings: str = "none", kv_cache:
         # with 8da4w and 4-bit embeddings, the eager model with an int8 cache agrees with the
         # same quantization attending in fp32 at top-1 0.91, and the exported phone program at 0.89.
         return Tolerance(min_top1=0.85, max_relative_l2=0.15)
+    if kv_cache == "fp16" and quantize == "none" and embeddings == "none":
+        # Keys and values rounded to fp16 (queries and the arithmetic stay fp32). Measured on the
+        # tiny models (docs/experiment_kv_cache_error.py): relative L2 0.0012-0.0013, top-1 1.000.
+        # With 8da4w and 4-bit embeddings the dynamic activation quantization amplifies it (top-1
+        # 0.92-0.93, relative L2 0.035-0.038 on random weights): the quantized rule below covers that.
+        return Tolerance(min_top1=0.97, max_relative_l2=0.01)
     if dtype == "fp32" and quantize == "none" and embeddings == "none":
         return Tolerance(min_top1=0.99, max_abs=1e-3, greedy_identical=True, max_perplexity_change=1e-3)
     if quantize == "8da4w" or embeddings != "none":

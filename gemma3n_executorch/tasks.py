@@ -82,6 +82,23 @@ class FloatCache(nn.Module):
         return torch.ops.gemma3n.gqa_attention(query, self.k_cache, self.v_cache, start_pos)
 
 
+class HalfCache(FloatCache):
+    """Keys and values rounded to fp16 (half fp32's bytes). This project's kernel reads them as they
+    are; ExecuTorch's takes a cache only in the query's dtype, so for it (the sliding layers' small
+    rings) they are widened first: options.resolve gives this cache the gemma3n kernel for the full
+    layers, where widening would read the whole context twice."""
+
+    def __init__(self, slots: int, heads: int, head_dim: int, dtype: torch.dtype):
+        super().__init__(slots, heads, head_dim, torch.float16)
+
+    def write(self, key, value, start_pos, slots=None) -> None:
+        super().write(key.to(torch.float16), value.to(torch.float16), start_pos, slots)
+
+    def attend(self, query, start_pos, mask, causal=True):
+        return torch.ops.llama.custom_sdpa(query, self.k_cache.to(query.dtype), self.v_cache.to(query.dtype),
+                                           start_pos, mask, 0.0, mask is None and causal, 1.0)
+
+
 class Int8Cache(nn.Module):
     """Keys and values quantized to int8 with one scale and zero point per position and head (a
     quarter of fp32's bytes, read by ExecuTorch's quantized SDPA kernel); queries are quantized
@@ -115,7 +132,7 @@ class Int8Cache(nn.Module):
                                                     self.k_zero_points, self.v_scales, self.v_zero_points, start_pos)
 
 
-CACHE_CLASSES = dict(zip(KV_CACHE_DTYPES, (FloatCache, Int8Cache)))
+CACHE_CLASSES = dict(zip(KV_CACHE_DTYPES, (FloatCache, HalfCache, Int8Cache)))
 
 
 def _quantize_per_token(values: torch.Tensor):

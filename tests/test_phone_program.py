@@ -64,6 +64,16 @@ def test_int8_kv_cache_program_stays_within_its_tolerance(programs, tiny_models,
     assert parity.compare(int8, teacher_forced(programs.get("e2b", *KV_FLAGS))).relative_l2 > 0.01
 
 
+def test_fp16_kv_cache_program_stays_within_its_tolerance(programs, tiny_models):
+    """A 16-bit cache (read by this project's kernel in the full layers, widened for the rings),
+    on unquantized fp32 weights, against eager fp32; and the cache really is rounded."""
+    fp16 = teacher_forced(programs.get("e2b", "--mode", "kv", *LENGTHS, *FP32_WEIGHTS, "--kv-cache", "fp16",
+                                       "--attention-kernel", "gemma3n"))
+    agreement = parity.compare(fp16, eager(tiny_models("e2b")))
+    assert agreement.within(parity.tolerance_for("fp32", "none", "none", "fp16")), agreement
+    assert parity.compare(fp16, teacher_forced(programs.get("e2b", *KV_FLAGS))).max_abs > 1e-5
+
+
 def test_phone_program_error_against_fp32_is_no_worse_than_eager_quantization(
         phone_logits, eager_quantized_logits, tiny_models):
     fp32 = eager(tiny_models("e2b"))
@@ -112,6 +122,9 @@ def test_altup_in_xnnpack_form_computes_what_hugging_face_does(method):
     (("--quantize", "int8", "--backend", "xnnpack"), "--quantize 8da4w"),
     (("--quantize-embeddings", "4w", "--dtype", "bf16"), "--dtype fp32"),
     (("--quantize", "8da4w", "--group-size", "7"), "--group-size"),
+    (("--mode", "kv", "--kv-cache", "fp16"), "--attention-kernel gemma3n"),
+    (("--mode", "kv", "--attention-kernel", "gemma3n", "--dtype", "bf16", "--quantize", "none",
+      "--quantize-embeddings", "none", "--backend", "portable"), "--dtype fp32"),
 ])
 def test_combinations_without_kernels_are_refused(tmp_path, flags, advice):
     output = tmp_path / "refused.pte"

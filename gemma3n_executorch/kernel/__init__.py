@@ -1,7 +1,7 @@
 """gemma3n::gqa_attention: causal grouped-query attention over a static KV cache, as one
 ExecuTorch kernel that reads each KV head's cache once for all the query heads sharing it
-(see gqa_attention.cpp). Not yet used by the kv program: wiring it in, and loading it wherever a
-program runs (our runtime, the stock runner, an app), is the next step of issue 28.
+(see gqa_attention.cpp). The kv program's full-attention layers use it with
+``--attention-kernel gemma3n`` (tasks.py); whatever runs such a program must load it first.
 
 Importing this module defines the ATen-side operators (a pure-PyTorch reference for eager use and
 a fake implementation for torch.export):
