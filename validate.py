@@ -30,7 +30,7 @@ DEFAULT_TOKENS = 16
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("program", type=Path, help="the .pte to check")
-    parser.add_argument("--model", help="hub id, checkpoint directory or 'tiny': compare with it run eagerly")
+    parser.add_argument("--model", help="hub id, checkpoint directory, 'tiny' or 'tiny-trained': compare with it run eagerly")
     parser.add_argument("--tokens", type=int,
                         help=f"kv programs: greedy steps to run (default {DEFAULT_TOKENS})")
     parser.add_argument("--perplexity", type=Path, metavar="TEXT_FILE",

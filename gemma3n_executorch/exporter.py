@@ -15,7 +15,7 @@ from .options import (ATTENTION_KERNELS, BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_M
                       DEFAULT_SEQ_LEN, DTYPES, EMBEDDING_SCHEMES, FIXED, KV, KV_CACHE_DTYPES, LINEAR_SCHEMES,
                       MODE_DEFAULTS, MODES, PER_CHANNEL, XNNPACK_GROUP_MULTIPLE, ExportOptions, resolve)
 from .progress import StageTimer, UserError, gib, human_bytes, log, peak_rss_bytes, run_cli
-from .variants import TINY_MODEL, Variant
+from .variants import TINY_MODEL, TRAINED_MODEL, Variant
 
 TOKENIZER_SUFFIX = ".tokenizer.json"
 CHAT_TEMPLATE_SUFFIX = ".chat_template.jinja"
@@ -168,7 +168,8 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
     )
     parser.add_argument("--model", default=variant.hub_id,
                         help=f"hub id or local checkpoint directory (default {variant.hub_id}); "
-                             f"'{TINY_MODEL}' builds a random-weight tiny model offline")
+                             f"'{TINY_MODEL}' builds a random-weight tiny model offline, '{TRAINED_MODEL}' (E2B only) loads "
+                             "the small trained model that comes with the project")
     parser.add_argument("--output", type=Path, help="where to write the .pte (default: named after the options)")
     parser.add_argument("--mode", choices=MODES, default=FIXED,
                         help="fixed: stateless fixed-window forward; kv: KV-cache program for generation")

@@ -84,6 +84,12 @@ def tolerance_for(dtype: str, quantize: str, embeddings: str = "none", kv_cache:
 PHONE_NLL_NOISE = 0.225
 
 
+# On the trained model (--model tiny-trained), whose logits XNNPACK's rounding moves far less, a
+# fixed bound: measured over the first 2,000 held-out tokens, the phone program's perplexity is
+# 33.501 against 33.487 for torchao's eager quantization (+0.04%; fp32: 33.192).
+TRAINED_PHONE_PERPLEXITY_CHANGE = 0.005
+
+
 def phone_perplexity_bound(tokens: int) -> float:
     """Three standard errors of that chance: how far, relatively, the phone program's perplexity
     over ``tokens`` scored tokens may be from the same quantization's run eagerly."""

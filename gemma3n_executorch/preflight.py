@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -9,6 +10,7 @@ import struct
 from pathlib import Path
 
 from .progress import UserError
+from .variants import PROVENANCE_FILE, TRAINED_DIRECTORY, TRAINED_MODEL
 
 MULTIMODAL_MODEL_TYPE = "gemma3n"
 TEXT_MODEL_TYPE = "gemma3n_text"
@@ -23,6 +25,8 @@ def looks_like_hub_id(model: str) -> bool:
 
 def local_checkpoint(model: str) -> Path | None:
     """The checkpoint directory ``model`` names, or None when it is a hub id to download."""
+    if model == TRAINED_MODEL:
+        return trained_checkpoint()
     path = Path(model).expanduser()
     if path.exists():
         if not path.is_dir():
@@ -32,8 +36,25 @@ def local_checkpoint(model: str) -> Path | None:
         text_config(path)
         return path
     if not looks_like_hub_id(model):
-        raise UserError(f"--model {model}: no such directory; pass a checkpoint directory, a hub id, or 'tiny'")
+        raise UserError(f"--model {model}: no such directory; pass a checkpoint directory, a hub id, 'tiny' or "
+                        f"'{TRAINED_MODEL}'")
     return None
+
+
+def trained_checkpoint() -> Path:
+    """The built-in trained model's directory, each file checked against the sha256 its provenance
+    records: weights that were changed, or a clone that did not bring them whole, would otherwise
+    export something else under the trained model's name."""
+    provenance = TRAINED_DIRECTORY / PROVENANCE_FILE
+    if not provenance.is_file():
+        raise UserError(f"--model {TRAINED_MODEL}: {provenance} is missing; the clone is incomplete: check it out "
+                        "again (or make the model with: python tools/train_tiny.py)")
+    for name, digest in json.loads(provenance.read_text())["sha256"].items():
+        path = TRAINED_DIRECTORY / name
+        if not path.is_file() or hashlib.sha256(path.read_bytes()).hexdigest() != digest:
+            raise UserError(f"--model {TRAINED_MODEL}: {path} is missing or not the file {PROVENANCE_FILE} names "
+                            "(sha256 differs); check the clone out again (or remake it: python tools/train_tiny.py)")
+    return TRAINED_DIRECTORY
 
 
 def text_config(directory: Path) -> dict:

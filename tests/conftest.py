@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from gemma3n_executorch import checkpoint, parity  # noqa: E402
-from gemma3n_executorch.variants import BOS_ID, VARIANTS  # noqa: E402
+from gemma3n_executorch.variants import BOS_ID, TINY_MODEL, VARIANTS  # noqa: E402
 
 
 # The string-hash seed of every cached export: test_patches.py exports again under another seed and
@@ -42,20 +42,20 @@ class ProgramCache:
     def __init__(self, directory: Path):
         self.directory = directory
 
-    def get(self, variant: str, *flags: str) -> Path:
-        name = "-".join([variant, *(f.lstrip("-") for f in flags)])
+    def get(self, variant: str, *flags: str, model: str = TINY_MODEL) -> Path:
+        name = "-".join([variant, *([model] if model != TINY_MODEL else []), *(f.lstrip("-") for f in flags)])
         output = self.directory / f"{name}.pte"
         with FileLock(str(output) + ".lock"):
             if not output.exists():
                 folder = REPO / variant
-                result = run(f"{variant}/export.py", "--model", "tiny", "--output", os.path.relpath(output, folder),
+                result = run(f"{variant}/export.py", "--model", model, "--output", os.path.relpath(output, folder),
                              *flags, cwd=folder, check=True, env={"PYTHONHASHSEED": EXPORT_HASH_SEED})
                 output.with_suffix(".log").write_text(result.stderr)
         return output
 
-    def log(self, variant: str, *flags: str) -> str:
+    def log(self, variant: str, *flags: str, model: str = TINY_MODEL) -> str:
         """What the exporter printed while making that program."""
-        return self.get(variant, *flags).with_suffix(".log").read_text()
+        return self.get(variant, *flags, model=model).with_suffix(".log").read_text()
 
 
 @pytest.fixture(scope="session")
