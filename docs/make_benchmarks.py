@@ -5,8 +5,9 @@
 
 Prints one Markdown table per JSON file (to paste into docs/benchmarks.md; for the tiny test model
 only size and logit error), a depth-scaling table for each configuration measured at two depths
-of one variant, and draws prefill and decode tokens/s per configuration of the real-size runs,
-eager baselines included, into the PNG.
+of one variant, a long-context table for each run with --depths, and draws prefill and decode
+tokens/s per configuration of the real-size runs, eager baselines included (against depth and
+prompt length for the long-context runs), into the PNG.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from gemma3n_executorch.variants import VARIANTS  # noqa: E402
+from gemma3n_executorch.variants import BUILT_IN_MODELS, TRAINED_MODEL, VARIANTS  # noqa: E402
 
 
 def warm_prefill(record: dict) -> float | None:
@@ -82,8 +83,9 @@ def ratios(record: dict, baseline: dict | None) -> str:
 
 
 def title(report: dict) -> str:
-    if report["model"] == "tiny":
-        return f"{report['variant'].upper()} (the tiny test model, random weights)"
+    if report["model"] in BUILT_IN_MODELS:
+        what = "the small trained model" if report["model"] == TRAINED_MODEL else "the tiny test model, random weights"
+        return f"{report['variant'].upper()} ({what})"
     depth = f"{report['layers']} layers" if report["layers"] else "full depth"
     return f"{report['variant'].upper()} ({report['model']} weights, {depth})"
 
@@ -125,6 +127,58 @@ def table(report: dict) -> str:
             f"| {gib(r.get('run_rss_file_bytes'))} / {gib(r.get('run_rss_anon_bytes'))} "
             f"| {seconds(r['export_s'])} | {gib(r['export_peak_rss_bytes'])} | {number(r['relative_l2_vs_fp32'], '.3g')} "
             f"| {number(r['top1_vs_fp32'], '.3f')} |")
+    return "\n".join(lines)
+
+
+# Bytes of one cached value and of its per-(position, head) quantization parameters (int8: an fp32
+# scale and an int8 zero point), by --kv-cache; tasks.py's cache classes store them so.
+CACHE_VALUE_BYTES = {"fp32": (4, 0), "fp16": (2, 0), "int8": (1, 5)}
+TABLE_BITS = {"4w": 4, "8w": 8, "none": 32}  # the token and per-layer embedding tables, by --quantize-embeddings
+
+
+def bytes_read_per_token(report: dict, record: dict, depth: int) -> float:
+    """What one decode step of one of our programs reads at ``depth``: the whole file but the two
+    embedding tables (a step gathers one row of each; the lm_head's own copy is read whole), and
+    the caches: every full-attention layer (KV-shared ones read their owner's again) ``depth``
+    positions, every sliding layer its ring."""
+    config = VARIANTS[report["variant"]].real_text_config(report["layers"])
+    options = record["options"]
+    layers = config["num_hidden_layers"]
+    tables = (config["vocab_size"] * config["hidden_size"]
+              + config["vocab_size_per_layer_input"] * layers * config["hidden_size_per_layer_input"])
+    value, per_head = CACHE_VALUE_BYTES[options["kv_cache"]]
+    per_position = 2 * config["num_key_value_heads"] * (config["head_dim"] * value + per_head)  # keys and values
+    full = config["layer_types"].count("full_attention")
+    ring = config["sliding_window"] + options["seq_len"]
+    cache = per_position * (full * depth + (layers - full) * min(ring, depth))
+    return record["pte_bytes"] - tables * TABLE_BITS[options["embeddings"]] / 8 + cache
+
+
+def long_context_table(report: dict) -> str:
+    """Prefill of a long prompt and decode at each depth, each against the same program's short
+    figure, and our programs' decode as a fraction of the bandwidth floor (bytes read per token
+    over the run's measured read bandwidth)."""
+    depths = [d for d in report["depths"]]
+    bandwidth = report["read_bandwidth_bytes_s"]
+    lines = [
+        f"**{title(report)}**, {report['machine']}, memory read bandwidth {bandwidth / 1e9:.1f} GB/s (bench.py's probe, "
+        f"same run); commit {report['commit']}; bench run took {report['seconds'] / 60:.1f} min.",
+        "",
+        f"| config | prefill tok/s, {report['prompt_len']}-token prompt | {report['long_prompt']}-token prompt (ratio) | "
+        + " | ".join(f"decode tok/s, depth {d}" for d in depths)
+        + f" | depth {depths[-1]} / depth {depths[0]} | decode / bandwidth floor, depth {depths[0]} / {depths[-1]} |",
+        "|---|---|---|" + "---|" * len(depths) + "---|---|",
+    ]
+    for r in report["records"]:
+        decode = {int(k): v for k, v in r["decode_at_depth_tok_s"].items()}
+        long = r.get("prefill_long_tok_s")
+        ours = "options" in r
+        floor = " / ".join(f"{decode[d] * bytes_read_per_token(report, r, d) / bandwidth:.2f}"
+                           for d in (depths[0], depths[-1])) if ours else "-"
+        lines.append(
+            f"| {r['config']} | {prefill(r):.1f} | {number(long, '.1f')} ({number(long and long / prefill(r), '.2f')}x) | "
+            + " | ".join(number(decode[d], ".2f") for d in depths)
+            + f" | {decode[depths[-1]] / decode[depths[0]]:.2f}x | {floor} |")
     return "\n".join(lines)
 
 
@@ -177,6 +231,9 @@ def chart(reports: list[dict], path: Path) -> None:
 
     figure, axes = plt.subplots(len(reports), 2, figsize=(11, 3.2 * len(reports)), squeeze=False)
     for row, report in zip(axes, reports):
+        if report.get("depths"):
+            depth_chart(row, report)
+            continue
         names = [r["config"] for r in report["records"]]
         colors = [PEER_COLORS.get(name.split("-")[0], "#1f77b4") for name in names]
         prefill_label = "prefill tok/s" if is_warm(report) else "first prefill tok/s"
@@ -193,6 +250,24 @@ def chart(reports: list[dict], path: Path) -> None:
     figure.savefig(path, dpi=110)
 
 
+def depth_chart(row, report: dict) -> None:
+    """Decode tok/s against the tokens already in the cache, and prefill tok/s of a short and a
+    long prompt, one line per configuration."""
+    for r in report["records"]:
+        color = PEER_COLORS.get(r["config"].split("-")[0], "#1f77b4")
+        decode = sorted((int(k), v) for k, v in r["decode_at_depth_tok_s"].items() if v is not None)
+        row[0].plot([d for d, _ in decode], [v for _, v in decode], marker="o", color=color, label=r["config"])
+        row[1].plot([report["prompt_len"], report["long_prompt"]], [prefill(r), r["prefill_long_tok_s"]],
+                    marker="o", color=color, label=r["config"])
+    for axis, label, x_label in ((row[0], "decode tok/s", "tokens in the cache"),
+                                 (row[1], "prefill tok/s", "prompt tokens")):
+        axis.set_xscale("log", base=2)
+        axis.set_ylim(bottom=0)
+        axis.set_xlabel(x_label, fontsize=8)
+        axis.set_title(f"{title(report)}: {label}", fontsize=9)
+        axis.legend(fontsize=7)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("reports", nargs="+", type=Path)
@@ -200,9 +275,11 @@ def main() -> None:
     args = parser.parse_args()
     reports = [json.loads(path.read_text()) for path in args.reports]
     for report in reports:
-        print(quality_table(report) if report["model"] == "tiny" else table(report), end="\n\n")
+        print(quality_table(report) if report["model"] in BUILT_IN_MODELS else table(report), end="\n\n")
+        if report.get("depths"):
+            print(long_context_table(report), end="\n\n")
     print(depth_scaling(reports))
-    real_size = [report for report in reports if report["model"] != "tiny"]
+    real_size = [report for report in reports if report["model"] not in BUILT_IN_MODELS]
     if real_size:
         chart(real_size, args.chart)
 

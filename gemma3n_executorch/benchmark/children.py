@@ -14,8 +14,8 @@ import time
 from pathlib import Path
 
 from ..progress import log, memory_status, peak_rss_bytes
-from ..variants import BOS_ID, TINY_MODEL, VARIANTS
-from .configs import EAGER, build_model, parse_config, prompt_tokens
+from ..variants import BOS_ID, BUILT_IN_MODELS, VARIANTS
+from .configs import EAGER, build_model, model_config, parse_config, prompt_tokens
 
 
 def prefill_figures(first_tok_s: float, warm_tok_s: list[float]) -> dict:
@@ -98,7 +98,7 @@ def child_export(args) -> dict:
 
     options = parse_config(args.config, args.model, args.max_seq_length, args.max_context_length)
     model = build_model(args, None)
-    source = TINY_MODEL if args.model == TINY_MODEL else f"random {args.variant} ({model.config.num_hidden_layers} layers)"
+    source = args.model if args.model in BUILT_IN_MODELS else f"random {args.variant} ({model.config.num_hidden_layers} layers)"
     summary = exporter.export_program(VARIANTS[args.variant], options, Path(args.output),
                                       loaded=checkpoint.LoadedModel(model, source, None))
     return {"pte_bytes": summary["bytes"], "export_s": summary["total_seconds"],
@@ -234,8 +234,7 @@ def child_run_litertlm(args) -> dict:
 
     from .. import litertlm
 
-    variant = VARIANTS[args.variant]
-    vocab_size = (variant.tiny_config if args.model == TINY_MODEL else variant.real_text_config())["vocab_size"]
+    vocab_size = model_config(args)["vocab_size"]
     prompt = prompt_tokens(args, vocab_size)
     result = litertlm.bench(args.litert_lm, Path(args.output), prompt, args.new_tokens, os.cpu_count(), args.repeats,
                             args.max_context_length)

@@ -7,7 +7,7 @@ from .. import litertlm
 from ..options import (ATTENTION_KERNELS, BACKENDS, DEFAULT_GROUP_SIZE, DTYPES, EMBEDDING_SCHEMES, KV, KV_CACHE_DTYPES, LINEAR_SCHEMES,
                        resolve)
 from ..progress import UserError
-from ..variants import BOS_ID, TINY_MODEL, VARIANTS
+from ..variants import BOS_ID, TINY_MODEL, TRAINED_MODEL, VARIANTS
 
 EAGER = {"eager-fp32": "fp32", "eager-bf16": "bf16"}
 PHONE = "phone"  # the --mode kv defaults
@@ -61,8 +61,9 @@ def parse_config(name: str, model: str, max_seq_length: int, max_context_length:
 
 
 def build_model(args, dtype: str | None, attention: str | None = None):
-    """The random-weight model in ``dtype``, or with None as a checkpoint would store it (the
-    exporter casts it while quantizing, as it does a real checkpoint)."""
+    """The model --model names (the real architecture with random weights, or a built-in one) in
+    ``dtype``, or with None as a checkpoint would store it (the exporter casts it while quantizing,
+    as it does a real checkpoint)."""
     import torch
 
     from .. import checkpoint
@@ -71,11 +72,20 @@ def build_model(args, dtype: str | None, attention: str | None = None):
     torch_dtype = dtype and checkpoint.TORCH_DTYPES[dtype]
     if args.model == TINY_MODEL:
         model = checkpoint.build_tiny(variant, torch_dtype or torch.float32)
+    elif args.model == TRAINED_MODEL:
+        model = checkpoint.load(TRAINED_MODEL, variant, torch_dtype).model
     else:
         model = checkpoint.build_random(variant, args.layers, torch_dtype, attention or checkpoint.ATTENTION)
     if attention:
         model.set_attn_implementation(attention)
     return model
+
+
+def model_config(args) -> dict:
+    """The architecture --model names, without building it."""
+    variant = VARIANTS[args.variant]
+    return {TINY_MODEL: variant.tiny_config, TRAINED_MODEL: variant.trained_config}.get(
+        args.model) or variant.real_text_config(args.layers)
 
 
 def prompt_tokens(args, vocab_size: int) -> list[int]:

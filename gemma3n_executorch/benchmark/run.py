@@ -13,7 +13,7 @@ from pathlib import Path
 from .. import benchmark
 from ..options import DEFAULT_MAX_CONTEXT_LENGTH, DEFAULT_MAX_SEQ_LENGTH, KV, MODE_DEFAULTS
 from ..progress import UserError, log
-from ..variants import TINY_MODEL, VARIANTS
+from ..variants import BUILT_IN_MODELS, TINY_MODEL, TRAINED_MODEL, VARIANTS
 from .children import CHILDREN, spawn
 from .configs import DEFAULT_CONFIGS, EAGER, LITERT_LM_CONFIGS, LLAMA_CPP, PHONE, parameter_count, parse_config
 from .machine import machine, memory_environment, physical_memory_bytes, read_bandwidth_bytes_s, source_commit
@@ -39,7 +39,7 @@ def probe_prompt_tokens(args, context_len: int) -> int:
 def fp32_reference_fits(args) -> bool:
     """Whether the eager fp32 model (baseline and error reference) fits in this machine's memory:
     full-depth E4B (27.5 GB) does not on a 24 GB machine."""
-    return args.model == TINY_MODEL or 4 * parameter_count(args) < 0.9 * physical_memory_bytes()
+    return args.model in BUILT_IN_MODELS or 4 * parameter_count(args) < 0.9 * physical_memory_bytes()
 
 
 def memory_probes(args, program: Path, context_len: int, work: Path) -> dict:
@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=benchmark.__doc__.split("\n\n")[0])
     parser.add_argument("--variant", choices=sorted(VARIANTS), required=True)
     parser.add_argument("--layers", type=int, help="cut the real architecture to N layers (default: full depth)")
-    parser.add_argument("--model", default="random", choices=["random", TINY_MODEL],
-                        help="random: the real architecture with random weights; tiny: the test model (smoke runs)")
+    parser.add_argument("--model", default="random", choices=["random", *BUILT_IN_MODELS],
+                        help=f"random: the real architecture with random weights; {TINY_MODEL}: the test model (smoke "
+                             f"runs); {TRAINED_MODEL}: the small trained model (E2B)")
     parser.add_argument("--configs", default=",".join(DEFAULT_CONFIGS),
                         help=f"comma-separated (default {','.join(DEFAULT_CONFIGS)}); '{PHONE}' is "
                              f"{'-'.join(v for k, v in MODE_DEFAULTS[KV].items() if k != 'embeddings')}-emb{MODE_DEFAULTS[KV]['embeddings']}")
@@ -211,7 +212,9 @@ def main(argv: list[str] | None = None) -> int:
             from ..preflight import check_output
 
             check_output(args.json, ".json", "--json")
-        if args.model != TINY_MODEL:
+        if args.model == TRAINED_MODEL and VARIANTS[args.variant].trained_layers is None:
+            raise UserError(f"--model {TRAINED_MODEL} is an E2B-shaped model: pass --variant e2b")
+        if args.model not in BUILT_IN_MODELS:
             VARIANTS[args.variant].real_text_config(args.layers)
     except (UserError, ValueError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
