@@ -34,6 +34,16 @@ NEW_TOKENS = 64
 PROMPT = [BOS_ID] + parity.probe_tokens(40, 512, BOS_ID)[1:]
 
 
+def program_greedy(program: Program, prompt: list[int], new_tokens: int) -> list[int]:
+    """The program's greedy tokens after ``prompt`` (fed in calls of its max_seq_length)."""
+    logits = program.step(prompt)
+    tokens = []
+    for _ in range(new_tokens):
+        tokens.append(int(logits.argmax()))
+        logits = program.step(tokens[-1:])
+    return tokens
+
+
 @pytest.mark.parametrize("variant, flags", [("e2b", KV_FLAGS), ("e4b", KV_FLAGS), ("e2b", GQA_KV_FLAGS)],
                          ids=["e2b", "e4b", "e2b-gemma3n-kernel"])
 def test_greedy_tokens_equal_hugging_face_generate(programs, tiny_models, variant, flags):
@@ -42,11 +52,7 @@ def test_greedy_tokens_equal_hugging_face_generate(programs, tiny_models, varian
     assert len(PROMPT) > CHUNK and len(PROMPT) + NEW_TOKENS > 4 * window  # chunked, and the window slides
     program = Program(programs.get(variant, *flags))
     assert tasks.ring_size(window, CHUNK, CONTEXT) < len(PROMPT) + NEW_TOKENS  # the ring wraps around
-    logits = program.step(PROMPT)
-    tokens = []
-    for _ in range(NEW_TOKENS):
-        tokens.append(int(logits.argmax()))
-        logits = program.step(tokens[-1:])
+    tokens = program_greedy(program, PROMPT, NEW_TOKENS)
     assert tokens == parity.eager_greedy(model, PROMPT, NEW_TOKENS)
     assert len(set(tokens)) > 10  # a model stuck on one token would make this test vacuous
 

@@ -13,12 +13,13 @@ from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
 from gemma3n_executorch import checkpoint, parity, preflight, quantize
 from gemma3n_executorch.generation import Generator, load_tokenizer
+from gemma3n_executorch.options import DEFAULT_GROUP_SIZE
 from gemma3n_executorch.progress import UserError
 from gemma3n_executorch.runtime import Program
 from gemma3n_executorch.variants import (BOS_ID, HELD_OUT_FILE, PROVENANCE_FILE, TRAINED_DIRECTORY, TRAINED_MODEL,
                                          VARIANTS, WEIGHTS_FILE)
 from tests.conftest import REPO, run
-from tests.test_kv_generation import FP32
+from tests.test_kv_generation import FP32, program_greedy
 from tests.test_perplexity import PERPLEXITY_LINE, reference_perplexity, relative_change
 
 E2B = VARIANTS["e2b"]
@@ -38,6 +39,14 @@ NEAR_TIE = 0.1  # logits; measured: 0 (the same 60 tokens as eager quantization)
 @pytest.fixture(scope="module")
 def trained():
     return checkpoint.load(TRAINED_MODEL, E2B, torch.float32).model
+
+
+@pytest.fixture(scope="module")
+def eager_quantized():
+    """torchao's quantization of the phone recipe, run eagerly: the phone program's reference."""
+    model = checkpoint.load(TRAINED_MODEL, E2B, torch.float32).model
+    quantize.apply(model, "8da4w", "4w", DEFAULT_GROUP_SIZE, torch.float32)
+    return model
 
 
 @pytest.fixture(scope="module")
@@ -73,12 +82,7 @@ def test_it_predicts_held_out_text_far_better_than_the_same_model_with_random_we
 def test_fp32_kv_program_is_token_exact_with_hugging_face_generate(programs, trained, held_out_ids):
     prompt = [BOS_ID] + held_out_ids[:PROMPT_TOKENS - 1]
     assert PROMPT_TOKENS > 2 * CHUNK and PROMPT_TOKENS + NEW_TOKENS > 4 * WINDOW
-    program = Program(programs.get("e2b", *FP32_FLAGS, model=TRAINED_MODEL))
-    logits = program.step(prompt)
-    tokens = []
-    for _ in range(NEW_TOKENS):
-        tokens.append(int(logits.argmax()))
-        logits = program.step(tokens[-1:])
+    tokens = program_greedy(Program(programs.get("e2b", *FP32_FLAGS, model=TRAINED_MODEL)), prompt, NEW_TOKENS)
     assert tokens == parity.eager_greedy(trained, prompt, NEW_TOKENS)
     assert len(set(tokens)) > 10  # it repeats itself, as small models do, but not one token
 
@@ -107,16 +111,14 @@ def test_perplexity_of_the_fp32_program_is_eagers(programs, trained, scored_text
     assert relative_change(measured["eager fp32"], reference) <= 1e-5
 
 
-def test_perplexity_of_the_phone_program_is_its_quantization_run_eagerly(programs, scored_text):
+def test_perplexity_of_the_phone_program_is_its_quantization_run_eagerly(programs, scored_text, eager_quantized):
     path, tokens = scored_text
-    eager_quantized = checkpoint.load(TRAINED_MODEL, E2B, torch.float32).model
-    quantize.apply(eager_quantized, "8da4w", "4w", 128, torch.float32)
     quantized = reference_perplexity(eager_quantized, tokens, CONTEXT - 1)
     measured = perplexities_of(programs.get("e2b", *PHONE_FLAGS, model=TRAINED_MODEL), path)
     assert relative_change(measured["program"], quantized) <= parity.TRAINED_PHONE_PERPLEXITY_CHANGE, (measured, quantized)
 
 
-def test_generate_prints_the_greedy_text_of_torchaos_eager_quantization(programs, held_out_ids):
+def test_generate_prints_the_greedy_text_of_torchaos_eager_quantization(programs, eager_quantized):
     """generate.py on the trained phone program, as the README runs it: its text is the program's
     greedy tokens, and those are eager torchao quantization's, except at near-ties: teacher-forced
     along the program's tokens, eager quantization's best logit is never more than NEAR_TIE above
@@ -130,8 +132,6 @@ def test_generate_prints_the_greedy_text_of_torchaos_eager_quantization(programs
     ours = Generator(Program(path), tokenizer).generate([BOS_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids,
                                                         max_new_tokens=GENERATED_TOKENS)
     assert printed.startswith(tokenizer.decode(ours.tokens)) and len(ours.tokens) == GENERATED_TOKENS
-    eager_quantized = checkpoint.load(TRAINED_MODEL, E2B, torch.float32).model
-    quantize.apply(eager_quantized, "8da4w", "4w", 128, torch.float32)
     sequence = [BOS_ID] + tokenizer.encode(prompt, add_special_tokens=False).ids + ours.tokens
     with torch.no_grad():
         logits = eager_quantized(input_ids=torch.tensor([sequence[:-1]]), use_cache=False).logits[0, -GENERATED_TOKENS:]
