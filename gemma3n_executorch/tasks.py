@@ -15,8 +15,9 @@ so it keeps a ring of ``sliding_window + max_seq_len`` slots (a chunk's first qu
 the window before the chunk): the ring's size does not depend on the context, and neither does
 its mask, ``[n * r, ring]`` (a row per query head of a KV head's r, see fold_query_heads), built
 once per call and shared by every sliding layer. KV-shared layers read the cache of the last owner
-of their attention type, ring or full, with the same mask. Full attention runs on ExecuTorch's
-kernel (attend_full) or, with ``--attention-kernel gemma3n``, on this project's (kernel/).
+of their attention type, ring or full, with the same mask. Attention runs on ExecuTorch's kernel
+(attend_ring, attend_full) or, with ``--attention-kernel gemma3n``, on this project's (kernel/),
+which reads a ring's window by position and needs no mask.
 """
 
 from __future__ import annotations
@@ -34,9 +35,6 @@ from .options import ATTENTION_KERNELS, KV_CACHE_DTYPES
 from .variants import EOS_ID
 
 SLIDING, FULL = "sliding_attention", "full_attention"
-# A ring's slots are all read (masked) from the first call on, before every one is written: its
-# buffers are stored zeroed in the program (E2B int8: 10.5 MB) so that no slot ever holds garbage
-# (a NaN times a zero attention weight is still NaN). Full caches are read only where written.
 RING_CACHE = "ring_cache"
 
 
@@ -78,25 +76,22 @@ class FloatCache(nn.Module):
         return torch.ops.llama.custom_sdpa(query, self.k_cache, self.v_cache, start_pos, mask, 0.0,
                                            mask is None and causal, 1.0)
 
-    def attend_causal_gqa(self, query, start_pos):
+    def attend_gqa(self, query, start_pos, window):
+        """This project's kernel: causal over the whole cache (window 0) or over a ring's window."""
+        if window:
+            return torch.ops.gemma3n.sliding_gqa_attention(query, self.k_cache, self.v_cache, start_pos, window)
         return torch.ops.gemma3n.gqa_attention(query, self.k_cache, self.v_cache, start_pos)
 
 
 class HalfCache(FloatCache):
-    """Keys and values rounded to fp16 (half fp32's bytes). This project's kernel reads them as they
-    are; ExecuTorch's takes a cache only in the query's dtype, so for it (the sliding layers' small
-    rings) they are widened first: options.resolve gives this cache the gemma3n kernel for the full
-    layers, where widening would read the whole context twice."""
+    """Keys and values rounded to fp16 (half fp32's bytes), which only this project's kernel reads
+    (ExecuTorch's takes a cache only in the query's dtype): options.resolve gives it that kernel."""
 
     def __init__(self, slots: int, heads: int, head_dim: int, dtype: torch.dtype):
         super().__init__(slots, heads, head_dim, torch.float16)
 
     def write(self, key, value, start_pos, slots=None) -> None:
         super().write(key.to(torch.float16), value.to(torch.float16), start_pos, slots)
-
-    def attend(self, query, start_pos, mask, causal=True):
-        return torch.ops.llama.custom_sdpa(query, self.k_cache.to(query.dtype), self.v_cache.to(query.dtype),
-                                           start_pos, mask, 0.0, mask is None and causal, 1.0)
 
 
 class Int8Cache(nn.Module):
@@ -127,9 +122,11 @@ class Int8Cache(nn.Module):
             zero_point, scale, self.k_zero_points, self.k_scales, self.v_zero_points, self.v_scales)
         return output.to(query.dtype)
 
-    def attend_causal_gqa(self, query, start_pos):
-        return torch.ops.gemma3n.gqa_attention_int8(query, self.k_cache, self.v_cache, self.k_scales,
-                                                    self.k_zero_points, self.v_scales, self.v_zero_points, start_pos)
+    def attend_gqa(self, query, start_pos, window):
+        caches = (self.k_cache, self.v_cache, self.k_scales, self.k_zero_points, self.v_scales, self.v_zero_points)
+        if window:
+            return torch.ops.gemma3n.sliding_gqa_attention_int8(query, *caches, start_pos, window)
+        return torch.ops.gemma3n.gqa_attention_int8(query, *caches, start_pos)
 
 
 CACHE_CLASSES = dict(zip(KV_CACHE_DTYPES, (FloatCache, HalfCache, Int8Cache)))
@@ -159,6 +156,7 @@ class CachedAttention(nn.Module):
         config = source.config
         self.layer_type = source.layer_type
         self.ring = self.layer_type == SLIDING
+        self.sliding_window = config.sliding_window
         self.owns_cache = not source.is_kv_shared_layer
         self.shares_cache = source.store_full_length_kv
         self.head_dim = config.head_dim
@@ -186,11 +184,11 @@ class CachedAttention(nn.Module):
                 shared_kv_states[self.layer_type] = cache
         else:
             cache = shared_kv_states[self.layer_type]
-        # attention_mask: the ring's visibility mask for sliding layers, None (causal) for full ones.
-        if self.ring:
+        # attention_mask: the ring's visibility mask for sliding layers on ExecuTorch's kernel, else None.
+        if self.gqa_kernel:
+            output = cache.attend_gqa(query, start_pos, self.sliding_window if self.ring else 0)
+        elif self.ring:
             output = attend_ring(cache, query, attention_mask, self.kv_heads)
-        elif self.gqa_kernel:
-            output = cache.attend_causal_gqa(query, start_pos)
         else:
             output = attend_full(cache, query, start_pos, later_start_pos, self.kv_heads)
         return self.o_proj(output.reshape(batch, length, -1)), None
@@ -253,10 +251,15 @@ class KVCacheLM(nn.Module):
         self.ring_slots = ring_size(self.sliding_window, max_seq_len, max_context_len)
         self.query_rows_per_token = model.config.num_attention_heads // model.config.num_key_value_heads
         cache_class = CACHE_CLASSES[kv_cache]
+        self.gqa_kernel = attention_kernel == "gemma3n"
+        # ExecuTorch's kernel reads every slot of a ring (masked), so a ring must start zeroed (a NaN
+        # times a zero attention weight is still NaN): the program stores it (E2B int8: 10.5 MB).
+        # This project's kernel reads only the slots a token sees, all written before.
+        self.initialized_buffers = () if self.gqa_kernel else (RING_CACHE,)
         for layer in model.model.layers:
             attention = layer.self_attn
             slots = self.ring_slots if attention.layer_type == SLIDING else max_context_len
-            layer.self_attn = CachedAttention(attention, slots, cache_class, attention_kernel == "gemma3n")
+            layer.self_attn = CachedAttention(attention, slots, cache_class, self.gqa_kernel)
 
     def ring_mask(self, positions: torch.Tensor) -> torch.Tensor:
         """[n * r, ring] additive mask: which slot each folded query row (r per token, see
@@ -291,7 +294,7 @@ class KVCacheLM(nn.Module):
             input_ids=tokens,
             position_ids=input_pos.unsqueeze(0),
             # Hugging Face passes each layer the mask of its type; ours are the ring's and causal.
-            attention_mask={SLIDING: self.ring_mask(input_pos), FULL: None},
+            attention_mask={SLIDING: None if self.gqa_kernel else self.ring_mask(input_pos), FULL: None},
             use_cache=False,
             logits_to_keep=1,
             # Extra keyword arguments reach the attention modules.
@@ -311,8 +314,6 @@ class KVCacheLM(nn.Module):
     def kv_cache_bytes(self) -> int:
         caches = [module for module in self.modules() if isinstance(module, (FloatCache, Int8Cache))]
         return sum(b.numel() * b.element_size() for cache in caches for b in cache.buffers())
-
-    initialized_buffers = (RING_CACHE,)  # names of buffers whose initial state the program must keep
 
     def example_inputs(self) -> tuple:
         return (torch.zeros(1, 2, dtype=torch.long), torch.arange(2, dtype=torch.long))

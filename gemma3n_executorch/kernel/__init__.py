@@ -1,19 +1,22 @@
 """gemma3n::gqa_attention: causal grouped-query attention over a static KV cache, as one
 ExecuTorch kernel that reads each KV head's cache once for all the query heads sharing it
-(see gqa_attention.cpp). The kv program's full-attention layers use it with
-``--attention-kernel gemma3n`` (tasks.py); whatever runs such a program must load it first.
+(see gqa_attention.cpp). With ``--attention-kernel gemma3n`` the kv program's attention runs on
+it, the full layers' and the sliding layers' rings; whatever runs such a program must load it first.
 
 Importing this module defines the ATen-side operators (a pure-PyTorch reference for eager use and
 a fake implementation for torch.export):
 
     gemma3n::gqa_attention(query[1,n,H,D] f32, k_cache[1,S,KV,D], v_cache, start_pos) -> [1,n,H,D]
-        caches float32 or float16
+        caches float32 or float16; token t sees positions [0, start_pos + t]
     gemma3n::gqa_attention_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales,
                                 v_zero_points, start_pos) -> [1,n,H,D]
         int8 caches, float32 scales and int8 zero points [1,S,KV,1]: value = (q - zp) * scale
+    gemma3n::sliding_gqa_attention{,_int8}(..., start_pos, window)
+        the cache is a ring, position p in slot p % S; token t sees (start_pos + t - window,
+        start_pos + t], and no slot outside that is read (an unwritten ring needs no zeroing)
 
-each with an ``.out`` overload, which ExecuTorch's to_executorch substitutes. Token t sees
-positions [0, start_pos + t]; the scores are not scaled (Gemma 3n's query norm does it).
+each with an ``.out`` overload, which ExecuTorch's to_executorch substitutes. The scores are not
+scaled (Gemma 3n's query norm does it).
 
 ``load_runtime_kernel()`` compiles the ExecuTorch kernels on first use (g++, cached by a hash of
 the source and flags under $GEMMA3N_KERNEL_CACHE or ~/.cache/gemma3n_executorch/kernels) and loads
@@ -44,20 +47,23 @@ _loaded: Path | None = None
 _FLOAT_ARGS = "Tensor query, Tensor k_cache, Tensor v_cache, SymInt start_pos"
 _INT8_ARGS = ("Tensor query, Tensor k_cache, Tensor v_cache, Tensor k_scales, Tensor k_zero_points, "
               "Tensor v_scales, Tensor v_zero_points, SymInt start_pos")
-_LIBRARY.define(f"gqa_attention({_FLOAT_ARGS}) -> Tensor")
-_LIBRARY.define(f"gqa_attention.out({_FLOAT_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
-_LIBRARY.define(f"gqa_attention_int8({_INT8_ARGS}) -> Tensor")
-_LIBRARY.define(f"gqa_attention_int8.out({_INT8_ARGS}, *, Tensor(a!) out) -> Tensor(a!)")
 
 
-def reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: int) -> torch.Tensor:
-    """What the kernel computes, with torch's SDPA over the visible prefix (float caches)."""
+def reference(query: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, start_pos: int,
+              window: int = 0) -> torch.Tensor:
+    """What the kernel computes, with torch's SDPA over the visible positions (float caches).
+    window 0: positions [0, start_pos + t]; else (start_pos + t - window, start_pos + t], position p
+    in slot p % slots."""
     tokens, heads = query.shape[1], query.shape[2]
-    length = int(start_pos) + tokens
-    keys = k_cache[:, :length].transpose(1, 2).to(torch.float32)
-    values = v_cache[:, :length].transpose(1, 2).to(torch.float32)
-    positions = torch.arange(length, device=query.device)
-    visible = positions[None, :] <= (int(start_pos) + torch.arange(tokens, device=query.device))[:, None]
+    start_pos, end = int(start_pos), int(start_pos) + tokens
+    positions = torch.arange(max(0, start_pos - window + 1) if window else 0, end, device=query.device)
+    slots = positions % k_cache.shape[1]
+    keys = k_cache[:, slots].transpose(1, 2).to(torch.float32)
+    values = v_cache[:, slots].transpose(1, 2).to(torch.float32)
+    query_positions = (start_pos + torch.arange(tokens, device=query.device))[:, None]
+    visible = positions[None, :] <= query_positions
+    if window:
+        visible &= positions[None, :] > query_positions - window
     output = torch.nn.functional.scaled_dot_product_attention(
         query.transpose(1, 2).to(torch.float32), keys, values, attn_mask=visible, scale=1.0,
         enable_gqa=heads != k_cache.shape[2])
@@ -68,55 +74,34 @@ def dequantize(cache: torch.Tensor, scales: torch.Tensor, zero_points: torch.Ten
     return (cache.to(torch.float32) - zero_points.to(torch.float32)) * scales
 
 
-def reference_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos):
-    length = int(start_pos) + query.shape[1]
-    return reference(query, dequantize(k_cache[:, :length], k_scales[:, :length], k_zero_points[:, :length]),
-                     dequantize(v_cache[:, :length], v_scales[:, :length], v_zero_points[:, :length]), start_pos)
+def reference_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos, window=0):
+    return reference(query, dequantize(k_cache, k_scales, k_zero_points), dequantize(v_cache, v_scales, v_zero_points),
+                     start_pos, window)
 
 
-@torch.library.impl(_LIBRARY, "gqa_attention", "CompositeExplicitAutograd")
-def _gqa_attention(query, k_cache, v_cache, start_pos):
-    return reference(query, k_cache, v_cache, start_pos)
+def _define(name: str, arguments: str, compute) -> None:
+    """name and name.out, computed eagerly by ``compute`` (the reference), with fake implementations."""
+    _LIBRARY.define(f"{name}({arguments}) -> Tensor")
+    _LIBRARY.define(f"{name}.out({arguments}, *, Tensor(a!) out) -> Tensor(a!)")
+
+    def functional(*args):
+        return compute(*args)
+
+    def out_variant(*args, out):
+        out.resize_(args[0].shape).copy_(compute(*args))
+        return out
+
+    torch.library.impl(_LIBRARY, name, "CompositeExplicitAutograd")(functional)
+    torch.library.impl(_LIBRARY, f"{name}.out", "CompositeExplicitAutograd")(out_variant)
+    torch.library.register_fake(f"gemma3n::{name}")(lambda query, *args: query.new_empty(query.shape,
+                                                                                          dtype=torch.float32))
+    torch.library.register_fake(f"gemma3n::{name}.out")(lambda *args, out: out)
 
 
-@torch.library.impl(_LIBRARY, "gqa_attention.out", "CompositeExplicitAutograd")
-def _gqa_attention_out(query, k_cache, v_cache, start_pos, *, out):
-    out.resize_(query.shape).copy_(reference(query, k_cache, v_cache, start_pos))
-    return out
-
-
-@torch.library.impl(_LIBRARY, "gqa_attention_int8", "CompositeExplicitAutograd")
-def _gqa_attention_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos):
-    return reference_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos)
-
-
-@torch.library.impl(_LIBRARY, "gqa_attention_int8.out", "CompositeExplicitAutograd")
-def _gqa_attention_int8_out(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points,
-                            start_pos, *, out):
-    out.resize_(query.shape).copy_(reference_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales,
-                                                  v_zero_points, start_pos))
-    return out
-
-
-@torch.library.register_fake("gemma3n::gqa_attention")
-def _gqa_attention_fake(query, k_cache, v_cache, start_pos):
-    return query.new_empty(query.shape, dtype=torch.float32)
-
-
-@torch.library.register_fake("gemma3n::gqa_attention.out")
-def _gqa_attention_out_fake(query, k_cache, v_cache, start_pos, *, out):
-    return out
-
-
-@torch.library.register_fake("gemma3n::gqa_attention_int8")
-def _gqa_attention_int8_fake(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos):
-    return query.new_empty(query.shape, dtype=torch.float32)
-
-
-@torch.library.register_fake("gemma3n::gqa_attention_int8.out")
-def _gqa_attention_int8_out_fake(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points,
-                                 start_pos, *, out):
-    return out
+_define("gqa_attention", _FLOAT_ARGS, reference)
+_define("gqa_attention_int8", _INT8_ARGS, reference_int8)
+_define("sliding_gqa_attention", _FLOAT_ARGS + ", int window", reference)
+_define("sliding_gqa_attention_int8", _INT8_ARGS + ", int window", reference_int8)
 
 
 def _portable_lib() -> Path:

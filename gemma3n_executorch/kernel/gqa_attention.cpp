@@ -1,10 +1,13 @@
-// gemma3n::gqa_attention{,_int8}.out: causal grouped-query attention over a static KV cache for
-// ExecuTorch's portable runtime (prototype).
+// gemma3n::gqa_attention{,_int8}.out and gemma3n::sliding_gqa_attention{,_int8}.out: causal
+// grouped-query attention over a static KV cache for ExecuTorch's portable runtime.
 //
 //   query    [1, n, H, D] float32           (the call's tokens, at positions start_pos + t)
 //   k/v      [1, S, KV, D] float32 | float16 | int8 (int8: value = (q - zero_point) * scale,
 //            scales float32 [1, S, KV, 1], zero points int8 [1, S, KV, 1])
 //   out      [1, n, H, D] float32 = softmax(q . k) v over positions [0, start_pos + t]; scale 1.
+//   sliding: over positions (start_pos + t - window, start_pos + t] only, position p held in slot
+//            p % S (a ring: S >= window + n - 1 keeps every visible position; a smaller S must
+//            hold all positions). Slots never written are never read.
 //
 // Every query head of a KV head (H / KV of them) and a block of tokens share each K/V row as it is
 // read; the positions are split across work items (flash-decoding: each item keeps its own running
@@ -85,6 +88,8 @@ struct Problem {
   const int8_t* v_zero_points = nullptr;
   float* out;  // [n, H, D]
   int64_t n, H, KV, D, start_pos;
+  int64_t slots;          // S: position p is in slot p % S
+  int64_t window = 0;     // positions a token sees (itself included); 0: all before it
   int64_t rows_per_head;  // H / KV: query heads sharing a KV head
   int64_t rows;           // n * rows_per_head per KV head
   int64_t row_blocks, parts;
@@ -152,10 +157,10 @@ inline float dot_1x1(const float* __restrict q, const float* __restrict k, int64
   return hsum(a + b);
 }
 
-inline void prefetch_tile(const char* k, const char* v, int64_t g, int64_t KV, int64_t row_bytes, int64_t begin,
-                          int64_t end) {
+inline void prefetch_tile(const char* k, const char* v, int64_t g, int64_t KV, int64_t S, int64_t row_bytes,
+                          int64_t begin, int64_t end) {
   for (int64_t p = begin; p < end; ++p) {
-    const int64_t at = (p * KV + g) * row_bytes;
+    const int64_t at = ((p % S) * KV + g) * row_bytes;
     for (int64_t b = 0; b < row_bytes; b += 64) {
       __builtin_prefetch(k + at + b, 0, 3);
       __builtin_prefetch(v + at + b, 0, 3);
@@ -182,12 +187,13 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
   }
   float* q = s.q.data();
   float* S = s.scores.data();
-  int64_t limit[kRowBlock];  // last visible position of each row
+  int64_t first[kRowBlock], limit[kRowBlock];  // first and last visible position of each row
   float qsum[kRowBlock], corr[kRowBlock], alpha[kRowBlock];
   for (int64_t i = 0; i < nrows; ++i) {
     const int64_t row = row0 + i, t = row / R, h = g * R + row % R;
     std::memcpy(q + i * D, P.query + (t * P.H + h) * D, D * sizeof(float));
     limit[i] = P.start_pos + t;
+    first[i] = P.window ? std::max<int64_t>(0, limit[i] - P.window + 1) : 0;
     float sum = 0;
     for (int64_t d = 0; d < D; ++d) sum += q[i * D + d];
     qsum[i] = sum;
@@ -203,15 +209,15 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
   const int64_t element = F == Format::F32 ? 4 : F == Format::F16 ? 2 : 1;
   const char* kbase = static_cast<const char*>(P.k);
   const char* vbase = static_cast<const char*>(P.v);
-  prefetch_tile(kbase, vbase, g, KV, D * element, p_begin, std::min<int64_t>(p_end, p_begin + kTile));
+  prefetch_tile(kbase, vbase, g, KV, P.slots, D * element, p_begin, std::min<int64_t>(p_end, p_begin + kTile));
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kTile) {
     const int64_t nt = std::min<int64_t>(kTile, p_end - p0);
     // The next tile's rows travel while this one is computed: K and V rows of one head are
     // D elements every KV * D, which the hardware prefetchers follow poorly (V worst: the PV
     // loop below walks all of a tile's rows for every 16 columns).
-    prefetch_tile(kbase, vbase, g, KV, D * element, p0 + nt, std::min<int64_t>(p_end, p0 + nt + kTile));
+    prefetch_tile(kbase, vbase, g, KV, P.slots, D * element, p0 + nt, std::min<int64_t>(p_end, p0 + nt + kTile));
     for (int64_t j = 0; j < nt; ++j) {
-      const int64_t at = (p0 + j) * KV + g;
+      const int64_t at = ((p0 + j) % P.slots) * KV + g;
       if (F == Format::F32) {
         krow[j] = static_cast<const float*>(P.k) + at * D;
         vrow[j] = static_cast<const float*>(P.v) + at * D;
@@ -251,17 +257,19 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
     // Online softmax: weights of this tile, rescale of what came before.
     for (i = 0; i < nrows; ++i) {
       float* Si = S + i * kTile;
-      const int64_t visible = std::min<int64_t>(nt, std::max<int64_t>(0, limit[i] - p0 + 1));
+      // Visible: tile columns [lo, hi).
+      const int64_t lo = std::max<int64_t>(0, first[i] - p0);
+      const int64_t hi = std::min<int64_t>(nt, std::max<int64_t>(0, limit[i] - p0 + 1));
       if (F == Format::I8)
         for (int64_t j = 0; j < nt; ++j) Si[j] = kscale[j] * (Si[j] - kzero[j] * qsum[i]);
       float mx = -FLT_MAX;
-      for (int64_t j = 0; j < visible; ++j) mx = std::max(mx, Si[j]);
+      for (int64_t j = lo; j < hi; ++j) mx = std::max(mx, Si[j]);
       const float m_new = std::max(m[i], mx);
-      alpha[i] = visible ? fast_exp(m[i] - m_new) : 1.0f;
+      alpha[i] = lo < hi ? fast_exp(m[i] - m_new) : 1.0f;
       float sum = 0.0f;
       for (int64_t j = 0; j < nt; ++j) {
         float p = fast_exp(Si[j] - m_new);
-        p = j < visible ? p : 0.0f;
+        p = j >= lo && j < hi ? p : 0.0f;
         sum += p;
         Si[j] = p;
       }
@@ -326,7 +334,8 @@ void attend(Problem& P) {
   const int64_t tokens_per_block = std::max<int64_t>(1, kRowBlock / R);
   const int64_t block_rows = tokens_per_block * R;
   P.row_blocks = (P.n + tokens_per_block - 1) / tokens_per_block;
-  const int64_t length = P.start_pos + P.n;  // positions the last token sees
+  // Positions the last token sees (at most the window), which the parts divide.
+  const int64_t length = P.window ? std::min<int64_t>(P.window + P.n - 1, P.start_pos + P.n) : P.start_pos + P.n;
   const int64_t want = (kTargetItems + P.KV * P.row_blocks - 1) / (P.KV * P.row_blocks);
   P.parts = std::max<int64_t>(1, std::min<int64_t>(want, length / kMinPart));
   const int64_t items = P.row_blocks * P.parts * P.KV;  // KV head fastest: neighbours read neighbours
@@ -337,8 +346,10 @@ void attend(Problem& P) {
     for (int64_t item = begin; item < end; ++item) {
       const int64_t g = item % P.KV, part = (item / P.KV) % P.parts, rb = item / (P.KV * P.parts);
       const int64_t t0 = rb * tokens_per_block, t1 = std::min(P.n, t0 + tokens_per_block);
-      const int64_t block_length = P.start_pos + t1;  // positions the block's last token sees
-      const int64_t p_begin = block_length * part / P.parts, p_end = block_length * (part + 1) / P.parts;
+      // Positions [low, high) some token of the block sees.
+      const int64_t high = P.start_pos + t1;
+      const int64_t low = P.window ? std::max<int64_t>(0, P.start_pos + t0 - P.window + 1) : 0;
+      const int64_t p_begin = low + (high - low) * part / P.parts, p_end = low + (high - low) * (part + 1) / P.parts;
       float* m = ml.get() + item * block_rows * 2;
       run_item<F>(P, g, t0 * R, (t1 - t0) * R, p_begin, p_end, acc.get() + item * block_rows * D, m,
                   m + block_rows);
@@ -377,8 +388,9 @@ void attend(Problem& P) {
   });
 }
 
+// window 0: full attention, positions are slots. window > 0: a ring (see the top of the file).
 bool check_common(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
-                  const Tensor& v_cache, int64_t start_pos, Tensor& out) {
+                  const Tensor& v_cache, int64_t start_pos, int64_t window, Tensor& out) {
   ET_CHECK_OR_RETURN_FALSE(query.dim() == 4 && k_cache.dim() == 4 && v_cache.dim() == 4,
                            "gqa_attention: query and caches must be 4-D");
   ET_CHECK_OR_RETURN_FALSE(query.scalar_type() == ScalarType::Float, "gqa_attention: query must be float32");
@@ -386,14 +398,21 @@ bool check_common(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& 
   ET_CHECK_OR_RETURN_FALSE(k_cache.scalar_type() == v_cache.scalar_type(), "gqa_attention: k/v dtypes differ");
   for (int d = 0; d < 4; ++d)
     ET_CHECK_OR_RETURN_FALSE(k_cache.size(d) == v_cache.size(d), "gqa_attention: k/v shapes differ");
-  const int64_t H = query.size(2), KV = k_cache.size(2), D = query.size(3);
+  const int64_t H = query.size(2), KV = k_cache.size(2), D = query.size(3), n = query.size(1), S = k_cache.size(1);
   ET_CHECK_OR_RETURN_FALSE(k_cache.size(3) == D && D % 16 == 0, "gqa_attention: head dim %" PRId64
                            " must match the cache and be a multiple of 16", D);
   ET_CHECK_OR_RETURN_FALSE(KV > 0 && H % KV == 0, "gqa_attention: %" PRId64 " query heads over %" PRId64
                            " KV heads", H, KV);
-  ET_CHECK_OR_RETURN_FALSE(start_pos >= 0 && start_pos + query.size(1) <= k_cache.size(1),
-                           "gqa_attention: positions [%" PRId64 ", %" PRId64 ") beyond the cache's %" PRId64,
-                           start_pos, start_pos + (int64_t)query.size(1), (int64_t)k_cache.size(1));
+  ET_CHECK_OR_RETURN_FALSE(start_pos >= 0, "gqa_attention: negative start position");
+  if (window == 0) {
+    ET_CHECK_OR_RETURN_FALSE(start_pos + n <= S, "gqa_attention: positions [%" PRId64 ", %" PRId64
+                             ") beyond the cache's %" PRId64, start_pos, start_pos + n, S);
+  } else {
+    // A ring shorter than the window is the whole context: its positions never wrap.
+    ET_CHECK_OR_RETURN_FALSE(window > 0 && (window + n - 1 <= S || start_pos + n <= S),
+                             "sliding_gqa_attention: a ring of %" PRId64
+                             " slots cannot hold a window of %" PRId64 " for %" PRId64 " tokens", S, window, n);
+  }
   ET_CHECK_OR_RETURN_FALSE(out.scalar_type() == ScalarType::Float, "gqa_attention: out must be float32");
   ET_CHECK_OR_RETURN_FALSE(executorch::runtime::resize_tensor(out, query.sizes()) == Error::Ok,
                            "gqa_attention: cannot resize out");
@@ -402,7 +421,7 @@ bool check_common(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& 
 }
 
 Problem make_problem(const Tensor& query, const Tensor& k_cache, const Tensor& v_cache, int64_t start_pos,
-                     Tensor& out) {
+                     int64_t window, Tensor& out) {
   Problem P;
   P.query = query.const_data_ptr<float>();
   P.k = k_cache.const_data_ptr();
@@ -412,16 +431,18 @@ Problem make_problem(const Tensor& query, const Tensor& k_cache, const Tensor& v
   P.H = query.size(2);
   P.D = query.size(3);
   P.KV = k_cache.size(2);
+  P.slots = k_cache.size(1);
   P.start_pos = start_pos;
+  P.window = window;
   P.rows_per_head = P.H / P.KV;
   return P;
 }
 
-Tensor& gqa_attention_out(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
-                          const Tensor& v_cache, int64_t start_pos, Tensor& out) {
-  ET_KERNEL_CHECK(ctx, check_common(ctx, query, k_cache, v_cache, start_pos, out), InvalidArgument, out);
+Tensor& float_attention(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
+                        const Tensor& v_cache, int64_t start_pos, int64_t window, Tensor& out) {
+  ET_KERNEL_CHECK(ctx, check_common(ctx, query, k_cache, v_cache, start_pos, window, out), InvalidArgument, out);
   if (query.size(1) == 0) return out;
-  Problem P = make_problem(query, k_cache, v_cache, start_pos, out);
+  Problem P = make_problem(query, k_cache, v_cache, start_pos, window, out);
   if (k_cache.scalar_type() == ScalarType::Float) {
     attend<Format::F32>(P);
   } else if (k_cache.scalar_type() == ScalarType::Half) {
@@ -432,11 +453,11 @@ Tensor& gqa_attention_out(KernelRuntimeContext& ctx, const Tensor& query, const 
   return out;
 }
 
-Tensor& gqa_attention_int8_out(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
-                               const Tensor& v_cache, const Tensor& k_scales, const Tensor& k_zero_points,
-                               const Tensor& v_scales, const Tensor& v_zero_points, int64_t start_pos,
-                               Tensor& out) {
-  ET_KERNEL_CHECK(ctx, check_common(ctx, query, k_cache, v_cache, start_pos, out), InvalidArgument, out);
+Tensor& int8_attention(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
+                       const Tensor& v_cache, const Tensor& k_scales, const Tensor& k_zero_points,
+                       const Tensor& v_scales, const Tensor& v_zero_points, int64_t start_pos, int64_t window,
+                       Tensor& out) {
+  ET_KERNEL_CHECK(ctx, check_common(ctx, query, k_cache, v_cache, start_pos, window, out), InvalidArgument, out);
   ET_KERNEL_CHECK_MSG(ctx, k_cache.scalar_type() == ScalarType::Char, InvalidArgument, out,
                       "gqa_attention_int8: caches must be int8");
   const Tensor* scales[] = {&k_scales, &v_scales};
@@ -449,7 +470,7 @@ Tensor& gqa_attention_int8_out(KernelRuntimeContext& ctx, const Tensor& query, c
                         "gqa_attention_int8: one scale and zero point per position and head");
   }
   if (query.size(1) == 0) return out;
-  Problem P = make_problem(query, k_cache, v_cache, start_pos, out);
+  Problem P = make_problem(query, k_cache, v_cache, start_pos, window, out);
   P.k_scales = k_scales.const_data_ptr<float>();
   P.v_scales = v_scales.const_data_ptr<float>();
   P.k_zero_points = k_zero_points.const_data_ptr<int8_t>();
@@ -458,8 +479,38 @@ Tensor& gqa_attention_int8_out(KernelRuntimeContext& ctx, const Tensor& query, c
   return out;
 }
 
+Tensor& gqa_attention_out(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
+                          const Tensor& v_cache, int64_t start_pos, Tensor& out) {
+  return float_attention(ctx, query, k_cache, v_cache, start_pos, 0, out);
+}
+
+Tensor& gqa_attention_int8_out(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
+                               const Tensor& v_cache, const Tensor& k_scales, const Tensor& k_zero_points,
+                               const Tensor& v_scales, const Tensor& v_zero_points, int64_t start_pos,
+                               Tensor& out) {
+  return int8_attention(ctx, query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos,
+                        0, out);
+}
+
+Tensor& sliding_gqa_attention_out(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
+                                  const Tensor& v_cache, int64_t start_pos, int64_t window, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, window > 0, InvalidArgument, out, "sliding_gqa_attention: window must be positive");
+  return float_attention(ctx, query, k_cache, v_cache, start_pos, window, out);
+}
+
+Tensor& sliding_gqa_attention_int8_out(KernelRuntimeContext& ctx, const Tensor& query, const Tensor& k_cache,
+                                       const Tensor& v_cache, const Tensor& k_scales, const Tensor& k_zero_points,
+                                       const Tensor& v_scales, const Tensor& v_zero_points, int64_t start_pos,
+                                       int64_t window, Tensor& out) {
+  ET_KERNEL_CHECK_MSG(ctx, window > 0, InvalidArgument, out, "sliding_gqa_attention: window must be positive");
+  return int8_attention(ctx, query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos,
+                        window, out);
+}
+
 }  // namespace
 }  // namespace gemma3n
 
 EXECUTORCH_LIBRARY(gemma3n, "gqa_attention.out", gemma3n::gqa_attention_out);
 EXECUTORCH_LIBRARY(gemma3n, "gqa_attention_int8.out", gemma3n::gqa_attention_int8_out);
+EXECUTORCH_LIBRARY(gemma3n, "sliding_gqa_attention.out", gemma3n::sliding_gqa_attention_out);
+EXECUTORCH_LIBRARY(gemma3n, "sliding_gqa_attention_int8.out", gemma3n::sliding_gqa_attention_int8_out);
