@@ -198,9 +198,10 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
     parser.add_argument("--kv-cache", choices=KV_CACHE_DTYPES,
                         help=f"kv mode: the cache's precision (default {kv['kv_cache']})")
     parser.add_argument("--attention-kernel", choices=ATTENTION_KERNELS,
-                        help="kv mode: what runs the full-attention layers: ExecuTorch's own kernel, which every "
-                             "ExecuTorch runtime has, or this project's, which reads each KV head once (much faster "
-                             "deep in an int8 cache) and which the app must link (README, 'Attention kernels'); "
+                        help="kv mode: what runs the attention: ExecuTorch's own kernel, which every ExecuTorch "
+                             "runtime has, or this project's, which reads each KV head once and a sliding ring only "
+                             "where a token sees it (much faster with an int8 or fp16 cache) and which the app must "
+                             "link (README, 'Attention kernels'); "
                              f"default {ATTENTION_KERNELS[0]}")
     parser.add_argument("--max-seq-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

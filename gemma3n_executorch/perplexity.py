@@ -55,18 +55,26 @@ def split_windows(tokens: list[int], length: int) -> list[Window]:
 
 
 class Tally:
-    """Negative log-likelihood summed over scored tokens."""
+    """Negative log-likelihood summed over scored tokens, and the top-1 token at each (to compare
+    two scorings of the same windows position by position)."""
 
     def __init__(self) -> None:
         self.nll = 0.0
         self.tokens = 0
+        self.top1: list[int] = []
 
     def add(self, logits: torch.Tensor, targets: list[int]) -> None:
-        """``logits`` [len(targets), vocab]: row i predicts targets[i]."""
-        log_probabilities = logits.float().log_softmax(-1)
+        """``logits`` [len(targets) or more, vocab]: row i predicts targets[i]; rows past the
+        targets (a last window's last fed token predicts nothing) are left out."""
+        log_probabilities = logits[:len(targets)].float().log_softmax(-1)
         picked = log_probabilities.gather(-1, torch.tensor(targets, dtype=torch.long).unsqueeze(-1))
         self.nll -= picked.double().sum().item()
         self.tokens += len(targets)
+        self.top1 += log_probabilities.argmax(-1).tolist()
+
+    def top1_agreement(self, other: "Tally") -> float:
+        assert len(self.top1) == len(other.top1)
+        return sum(a == b for a, b in zip(self.top1, other.top1)) / len(self.top1)
 
     @property
     def perplexity(self) -> float:
