@@ -3,6 +3,7 @@ gemma3n::gqa_attention (gemma3n_executorch/kernel) against the kv program's curr
 (tasks.attend_full on ExecuTorch's llama::custom_sdpa / custom_quantized_sdpa).
 
     python docs/microbench_gqa_kernel.py [--context 32768] [--repeats 10] [--chunk 128]
+                                         [--caches fp32,int8] [--paths executorch,gemma3n] [--no-chunks]
 
 E2B's 8 query heads over 2 KV heads of 256, the caches of tasks.FloatCache / tasks.Int8Cache
 (filled with random values), each variant exported and lowered alone on portable kernels with a
@@ -52,7 +53,7 @@ class OneAttention(torch.nn.Module):
         torch._check(start + query.shape[1] <= self.context)
         if self.kernel_path:
             c = self.cache
-            if self.kv_cache == "fp32":
+            if self.kv_cache != "int8":
                 return torch.ops.gemma3n.gqa_attention(query, c.k_cache, c.v_cache, start)
             return torch.ops.gemma3n.gqa_attention_int8(query, c.k_cache, c.v_cache, c.k_scales, c.k_zero_points,
                                                         c.v_scales, c.v_zero_points, start)
@@ -67,6 +68,10 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=32768)
     parser.add_argument("--repeats", type=int, default=10)
     parser.add_argument("--chunk", type=int, default=128)
+    parser.add_argument("--caches", default="fp32,int8", help="of fp32, fp16 (gemma3n path only), int8")
+    parser.add_argument("--paths", default="executorch,gemma3n",
+                        help="executorch: tasks.attend_full on ExecuTorch's kernels; gemma3n: this project's kernel")
+    parser.add_argument("--no-chunks", dest="chunks", action="store_false", help="decode tokens only")
     args = parser.parse_args()
     from executorch.runtime import Runtime
 
@@ -74,8 +79,8 @@ def main() -> None:
     tokens = torch.export.Dim("tokens", min=1, max=args.chunk)
     example = (torch.randn(1, args.chunk, QUERY_HEADS, HEAD_DIM), torch.arange(args.chunk))
     with tempfile.TemporaryDirectory() as work:
-        for kv_cache in ("fp32", "int8"):
-            for kernel_path in (False, True):
+        for kv_cache in args.caches.split(","):
+            for kernel_path in [path == "gemma3n" for path in args.paths.split(",")]:
                 module = OneAttention(kv_cache, args.context, kernel_path).eval()
                 program, _ = lowering.lower(lowering.export(module, example, ({1: tokens}, {0: tokens})),
                                             "portable", {})
@@ -85,8 +90,8 @@ def main() -> None:
                 del program
                 method = Runtime.get().load_program(path).load_method("forward")
                 name = f"{kv_cache} {'gqa_attention ' if kernel_path else 'attend_full   '}"
-                per_position = KV_HEADS * 2 * (HEAD_DIM * 4 if kv_cache == "fp32" else HEAD_DIM + 5)
-                for n, depths in ((1, DECODE_DEPTHS), (args.chunk, CHUNK_DEPTHS)):
+                per_position = KV_HEADS * 2 * {"fp32": HEAD_DIM * 4, "fp16": HEAD_DIM * 2, "int8": HEAD_DIM + 5}[kv_cache]
+                for n, depths in ((1, DECODE_DEPTHS), (args.chunk, CHUNK_DEPTHS if args.chunks else ())):
                     query = torch.randn(1, n, QUERY_HEADS, HEAD_DIM)
                     for depth in (d for d in depths if d + n <= args.context):
                         inputs = [query, torch.arange(depth, depth + n)]
