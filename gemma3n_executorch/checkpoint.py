@@ -17,8 +17,9 @@ from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 from transformers.modeling_utils import local_torch_dtype
 from transformers.utils import logging as hf_logging
 
-from . import preflight
+from . import preflight, slicing
 from .progress import UserError
+from .slicing import Slice
 from .variants import TINY_MODEL, Variant, identify_variant
 
 # Multimodal checkpoints nest the decoder one level deeper than Gemma3nForCausalLM expects.
@@ -154,27 +155,41 @@ def resolve_directory(model: str) -> Path:
         ) from None
 
 
-def read_config(model: str, variant: Variant) -> tuple[Path | None, Gemma3nTextConfig]:
+def read_config(model: str, variant: Variant, cut: Slice | None = None) -> tuple[Path | None, Gemma3nTextConfig]:
     """The checkpoint's directory (downloaded when ``model`` is a hub id; None for the tiny model)
-    and its text config, checked against ``variant``: what can be refused before any weight is read."""
+    and its text config, checked against ``variant`` and, given one, the slice ``cut`` (the config
+    returned is the whole model's): what can be refused before any weight is read."""
     if model == TINY_MODEL:
-        return None, Gemma3nTextConfig(**variant.tiny_config)
+        config = Gemma3nTextConfig(**variant.tiny_config)
+        if cut is not None:
+            slicing.sliced_config(config.to_dict(), cut)
+        return None, config
     directory = resolve_directory(model)
     config = preflight.text_config(directory)
     check_variant(model, config, variant)
+    if cut is not None:
+        slicing.sliced_config(config, cut)
     try:
         return directory, Gemma3nTextConfig.from_dict(config)
     except (TypeError, ValueError, KeyError) as error:
         raise UserError(f"--model {model}: config.json is not a valid Gemma 3n text config ({error})") from None
 
 
-def load(model: str, variant: Variant, dtype: torch.dtype | None = None) -> LoadedModel:
+def load(model: str, variant: Variant, dtype: torch.dtype | None = None, cut: Slice | None = None) -> LoadedModel:
     """The text decoder in ``dtype``, or with None as its checkpoint stores it (the published ones:
     bf16), for ``quantize.apply`` to bring to the export dtype one module at a time, so that the
-    wider copy (fp32 E4B: 27.5 GB) never exists whole."""
+    wider copy (fp32 E4B: 27.5 GB) never exists whole; with ``cut``, that slice of it (slicing.py)."""
+    loaded = load_whole(model, variant, dtype, cut)
+    if cut is not None:
+        slicing.apply(loaded, cut)
+    return loaded
+
+
+def load_whole(model: str, variant: Variant, dtype: torch.dtype | None, cut: Slice | None) -> LoadedModel:
     if model == TINY_MODEL:
+        read_config(model, variant, cut)
         return LoadedModel(build_tiny(variant, dtype or torch.float32), TINY_MODEL, None)
-    directory, text_config = read_config(model, variant)
+    directory, text_config = read_config(model, variant, cut)
     if not any(directory.glob("*.safetensors")):
         raise UserError(f"--model {model}: no *.safetensors weights in {directory}")
     verbosity = hf_logging.get_verbosity()

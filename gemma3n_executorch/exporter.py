@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 from pathlib import Path
 
-from . import preflight
+from . import preflight, slicing
 from .options import (ATTENTION_KERNELS, BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT_LENGTH, DEFAULT_MAX_SEQ_LENGTH,
                       DEFAULT_SEQ_LEN, DTYPES, EMBEDDING_SCHEMES, FIXED, KV, KV_CACHE_DTYPES, LINEAR_SCHEMES,
                       MODE_DEFAULTS, MODES, PER_CHANNEL, XNNPACK_GROUP_MULTIPLE, ExportOptions, resolve)
@@ -31,6 +32,8 @@ def chat_template_path_for(pte: Path) -> Path:
 
 def default_output(variant: Variant, options: ExportOptions) -> Path:
     parts = [variant.output_stem(options.model)]
+    if options.matformer_slice is not None:
+        parts.append(f"slice-{options.matformer_slice.name}")
     if options.mode == KV:
         parts.append("kv")
     if options.quantize != "none":
@@ -78,7 +81,7 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
     timer = timer or StageTimer()
     if loaded is None:
         with timer.stage("load"):
-            loaded = checkpoint.load(options.model, variant)  # as stored; prepare() casts
+            loaded = checkpoint.load(options.model, variant, cut=options.matformer_slice)  # as stored; prepare() casts
     log(f"  {loaded.num_parameters / 1e6:.1f} M text parameters from {loaded.source}")
     options = fit_context(options, loaded.config)
     module = prepare(loaded.model, options, timer)
@@ -87,6 +90,7 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
         context_len=options.context_len, kv_cache=options.kv_cache, attention_kernel=options.attention_kernel,
         vocab_size=loaded.config.vocab_size, dtype=options.dtype, quantize=options.quantize,
         embeddings=options.embeddings, group_size=options.group_size, backend=options.backend,
+        matformer_slice=options.matformer_slice.spec(loaded.config) if options.matformer_slice else "none",
     )
     kv_cache_bytes = module.kv_cache_bytes() if options.mode == KV else 0
     if kv_cache_bytes > PHONE_KV_CACHE_BYTES:
@@ -161,7 +165,7 @@ def writer(content: bytes | str | None):
     return lambda file: file.write(data)
 
 
-def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions, Path, bool]:
+def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions, Path, bool, Path | None]:
     parser = argparse.ArgumentParser(
         prog=f"{variant.key}/export.py", allow_abbrev=False,  # a prefix of a renamed flag must not pass for it
         description=f"Export the Gemma 3n {variant.name} text decoder to an ExecuTorch .pte program.",
@@ -203,6 +207,8 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
                              "where a token sees it (much faster with an int8 or fp16 cache) and which the app must "
                              "link (README, 'Attention kernels'); "
                              f"default {ATTENTION_KERNELS[0]}")
+    if variant.matformer:
+        add_slice_arguments(parser)
     parser.add_argument("--max-seq-len", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.max_seq_len is not None:
@@ -215,9 +221,28 @@ def parse_args(variant: Variant, argv: list[str] | None) -> tuple[ExportOptions,
         options = resolve(args.mode, args.dtype, args.quantize, args.quantize_embeddings, args.backend,
                           args.group_size, args.model, length, args.max_context_length, args.kv_cache,
                           args.attention_kernel)
+        cut = slicing.request(args.slice, args.slice_ffn, args.skip_layers) if variant.matformer else None
     except ValueError as error:
         parser.error(str(error))
-    return options, args.output or default_output(variant, options), args.verbose
+    save_slice = getattr(args, "save_slice", None)
+    if save_slice is not None and cut is None:
+        parser.error("--save-slice writes a slice: say which with --slice, or --slice-ffn and --skip-layers")
+    options = dataclasses.replace(options, matformer_slice=cut)
+    return options, args.output or default_output(variant, options), args.verbose, save_slice
+
+
+def add_slice_arguments(parser: argparse.ArgumentParser) -> None:
+    names = ", ".join(slicing.published_slices())
+    parser.add_argument("--slice", help=f"export a smaller model nested in this one (MatFormer, Mix-n-Match): one of "
+                                        f"Google's published configurations: {names} (README, 'Choosing a size')")
+    parser.add_argument("--slice-ffn", metavar="WIDTHS",
+                        help="a custom slice: the MLP width of each kept layer, comma-separated (one value: all layers)")
+    parser.add_argument("--skip-layers", metavar="LAYERS",
+                        help="a custom slice: layers to drop, comma-separated (only KV-sharing layers and those before "
+                             "them that no sharing layer reads)")
+    parser.add_argument("--save-slice", type=Path, metavar="DIR",
+                        help="write the slice as a Hugging Face checkpoint in DIR (to evaluate or fine-tune it "
+                             "elsewhere, or export it later) instead of a program")
 
 
 def describe_quantization(options: ExportOptions) -> str:
@@ -228,8 +253,50 @@ def describe_quantization(options: ExportOptions) -> str:
 
 
 def main(variant: Variant, argv: list[str] | None = None) -> int:
-    options, output, verbose = parse_args(variant, argv)
+    options, output, verbose, save_slice = parse_args(variant, argv)
+    if save_slice is not None:
+        return run_cli(lambda: save_slice_checkpoint(variant, options, save_slice))
     return run_cli(lambda: export_and_report(variant, options, output, verbose))
+
+
+def save_slice_checkpoint(variant: Variant, options: ExportOptions, directory: Path) -> int:
+    """The slice as a Hugging Face checkpoint directory, with the source's tokenizer files."""
+    import shutil
+    import tempfile
+
+    from . import checkpoint
+
+    if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
+        raise UserError(f"--save-slice {directory}: exists and is not an empty directory; pass a new directory")
+    parent = directory.resolve().parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise UserError(f"--save-slice {directory}: cannot create it in {parent}; choose a writable location")
+    if options.model != TINY_MODEL:
+        preflight.local_checkpoint(options.model)
+    timer = StageTimer()
+    with timer.stage("load"):
+        loaded = checkpoint.load(options.model, variant, cut=options.matformer_slice)
+    staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.resolve().parent))
+    try:
+        with timer.stage("save"):
+            loaded.model.save_pretrained(staging)
+            tokenizer, template = companion_files(loaded)
+            if tokenizer is not None:
+                (staging / "tokenizer.json").write_bytes(tokenizer)
+            if template is not None:
+                (staging / "chat_template.jinja").write_text(template)
+            for name in ("tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "generation_config.json"):
+                if loaded.directory is not None and (loaded.directory / name).is_file():
+                    shutil.copyfile(loaded.directory / name, staging / name)
+        if directory.exists():
+            directory.rmdir()
+        staging.rename(directory)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"wrote the {options.matformer_slice.name} slice of {loaded.source} to {directory} "
+        f"({loaded.num_parameters / 1e6:.1f} M text parameters, {loaded.config.num_hidden_layers} layers) "
+        f"in {timer.total:.1f} s; peak memory {gib(peak_rss_bytes())}")
+    return 0
 
 
 def export_and_report(variant: Variant, options: ExportOptions, output: Path, verbose: bool) -> int:

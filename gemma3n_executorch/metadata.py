@@ -7,7 +7,7 @@ flags.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 
 from .variants import BOS_ID, STOP_IDS
 
@@ -40,6 +40,9 @@ class ProgramInfo:
     embeddings: str  # embeddings and tied lm_head: options.EMBEDDING_SCHEMES
     group_size: int  # weights per int4 scale
     backend: str  # options.BACKENDS
+    # slicing.Slice.spec() of the MatFormer slice taken from the checkpoint; "none": all of it. Absent
+    # from programs exported before slicing existed, hence the default.
+    matformer_slice: str = "none"
 
     def constant_methods(self) -> dict:
         methods = {PREFIX + name: value for name, value in asdict(self).items()}
@@ -58,3 +61,7 @@ class ProgramInfo:
     @classmethod
     def method_names(cls) -> list[str]:
         return [PREFIX + f.name for f in fields(cls)]
+
+    @classmethod
+    def required_method_names(cls) -> list[str]:
+        return [PREFIX + f.name for f in fields(cls) if f.default is MISSING]

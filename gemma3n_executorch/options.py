@@ -57,6 +57,7 @@ class ExportOptions:
     # kv: no --max-context-length / --max-seq-length was given: a model with fewer positions lowers them
     context_is_default: bool = False
     seq_len_is_default: bool = False
+    matformer_slice: object = None  # slicing.Slice: the part of the checkpoint to export; None: all of it
 
     @property
     def needs_xnnpack(self) -> bool:

@@ -76,11 +76,11 @@ class Program:
                 # and maps around every row (program_file.advise_random_access).
                 program_file.advise_random_access(self.path)
                 self.method_names = sorted(self._program.method_names)
-                missing = [name for name in ProgramInfo.method_names() if name not in self.method_names]
+                missing = [name for name in ProgramInfo.required_method_names() if name not in self.method_names]
                 if missing:
                     raise UserError(f"{self.path}: no {missing[0]} metadata; it was not exported by this tool")
                 self.info = ProgramInfo(**{name[len(PREFIX):]: self.constant(name)
-                                           for name in ProgramInfo.method_names()})
+                                           for name in ProgramInfo.method_names() if name in self.method_names})
                 if self.info.attention_kernel == "gemma3n":
                     from . import kernel
 

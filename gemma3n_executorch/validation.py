@@ -9,7 +9,7 @@ import torch
 
 import patches
 
-from . import checkpoint, parity, quantize
+from . import checkpoint, parity, quantize, slicing
 from .checkpoint import TORCH_DTYPES
 from .metadata import ProgramInfo
 from .options import FIXED, KV
@@ -56,7 +56,8 @@ def run_program(program: Program, num_tokens: int) -> tuple[list[int], torch.Ten
 def check_checkpoint(model: str, info: ProgramInfo) -> None:
     """Refuse a checkpoint that cannot be the program's from its config alone, before any weight
     is read (a long run should not end in this error)."""
-    check_vocabulary(model, checkpoint.read_config(model, VARIANTS[info.variant.lower()])[1].vocab_size, info)
+    config = checkpoint.read_config(model, VARIANTS[info.variant.lower()], slicing.from_spec(info.matformer_slice))[1]
+    check_vocabulary(model, config.vocab_size, info)
 
 
 def check_vocabulary(model: str, vocab_size: int, info: ProgramInfo) -> None:
@@ -69,7 +70,7 @@ def eager_model(model: str, info: ProgramInfo, linear: str = "none", embeddings:
                 dtype: str = "fp32") -> torch.nn.Module:
     """The checkpoint ``model`` of the program's variant, eagerly, in ``dtype`` with the given
     torchao quantization (in the program's group size)."""
-    loaded = checkpoint.load(model, VARIANTS[info.variant.lower()])
+    loaded = checkpoint.load(model, VARIANTS[info.variant.lower()], cut=slicing.from_spec(info.matformer_slice))
     check_vocabulary(model, loaded.config.vocab_size, info)
     patches.apply(loaded.model)
     quantize.apply(loaded.model, linear, embeddings, info.group_size, TORCH_DTYPES[dtype])
@@ -89,7 +90,9 @@ def first_difference(a: list[int], b: list[int]) -> int | None:
 def validate(path: Path, model: str | None, num_tokens: int) -> int:
     program = Program(path)
     info = program.info
-    print(f"{path}: Gemma 3n {info.variant} from {info.source}, mode {info.mode}, {info.dtype}, "
+    cut = slicing.from_spec(info.matformer_slice)
+    print(f"{path}: Gemma 3n {info.variant} from {info.source}" + (f", slice {cut.name}" if cut else "")
+          + f", mode {info.mode}, {info.dtype}, "
           f"quantize {info.quantize}, embeddings {info.embeddings}, backend {info.backend}, "
           + (f"max_seq_length {info.seq_len}, max_context_length {info.context_len}, {info.kv_cache} KV cache"
              if info.mode == KV else f"seq_len {info.seq_len}") + f", vocab {info.vocab_size}")

@@ -44,6 +44,7 @@ class Variant:
     architecture_file: str  # text_config of the published checkpoint, in ARCHITECTURES
     tiny_config: dict = field(repr=False)
     trained_layers: int | None = None  # depth of this variant's small trained model, if it has one
+    matformer: bool = False  # smaller models nest in it and can be cut out (slicing.py)
 
     @property
     def trained_config(self) -> dict | None:
@@ -158,7 +159,7 @@ VARIANTS: dict[str, Variant] = {
         # E2B: 30 layers, the last 10 share KV  -> tiny: 6 layers, last 2 share; trained: 12, last 4 share.
         Variant("E2B", "google/gemma-3n-E2B-it", "e2b-text-config.json", tiny_config(6, 2, 128), trained_layers=12),
         # E4B: 35 layers, the last 15 share KV  -> tiny: 7 layers, last 3 share; MLP twice as wide.
-        Variant("E4B", "google/gemma-3n-E4B-it", "e4b-text-config.json", tiny_config(7, 3, 256)),
+        Variant("E4B", "google/gemma-3n-E4B-it", "e4b-text-config.json", tiny_config(7, 3, 256), matformer=True),
     )
 }
 

@@ -94,13 +94,16 @@ def children_peak_rss_bytes() -> int:
 
 
 def child_export(args) -> dict:
-    from .. import checkpoint, exporter
+    from .. import checkpoint, exporter, slicing
 
     options = parse_config(args.config, args.model, args.max_seq_length, args.max_context_length)
     model = build_model(args, None)
     source = args.model if args.model in BUILT_IN_MODELS else f"random {args.variant} ({model.config.num_hidden_layers} layers)"
-    summary = exporter.export_program(VARIANTS[args.variant], options, Path(args.output),
-                                      loaded=checkpoint.LoadedModel(model, source, None))
+    loaded = checkpoint.LoadedModel(model, source, None)
+    del model
+    if options.matformer_slice is not None:
+        slicing.apply(loaded, options.matformer_slice)
+    summary = exporter.export_program(VARIANTS[args.variant], options, Path(args.output), loaded=loaded)
     return {"pte_bytes": summary["bytes"], "export_s": summary["total_seconds"],
             "export_peak_rss_bytes": summary["peak_rss_bytes"], "parameters": summary["parameters"],
             "kv_cache_bytes": summary["kv_cache_bytes"], "planned_bytes": summary["planned_bytes"],

@@ -3,7 +3,9 @@ for, and the random-weight model and prompt every one of them is measured on."""
 
 from __future__ import annotations
 
-from .. import litertlm
+import dataclasses
+
+from .. import litertlm, slicing
 from ..options import (ATTENTION_KERNELS, BACKENDS, DEFAULT_GROUP_SIZE, DTYPES, EMBEDDING_SCHEMES, KV, KV_CACHE_DTYPES, LINEAR_SCHEMES,
                        resolve)
 from ..progress import UserError
@@ -26,6 +28,7 @@ def parse_config(name: str, model: str, max_seq_length: int, max_context_length:
     else:
         chosen = dict(dtype=None, quantize="none", embeddings="none", backend=None, kv_cache="fp32")
     chosen.update(group_size=DEFAULT_GROUP_SIZE, seq_len=max_seq_length, context_len=max_context_length)
+    matformer_slice = None
     for part in parts:
         if part in BACKENDS:
             chosen["backend"] = part
@@ -45,17 +48,24 @@ def parse_config(name: str, model: str, max_seq_length: int, max_context_length:
             chosen["context_len"] = int(part[3:])
         elif part.startswith("chunk") and part[5:].isdigit():
             chosen["seq_len"] = int(part[5:])
+        elif part.startswith("slice"):  # sliceE2.49B_block: --slice E2.49B-block ("-" separates the parts)
+            cut = part[5:].replace("_", "-")
+            try:
+                matformer_slice = slicing.request(cut, None, None)
+            except ValueError as error:
+                raise UserError(f"--configs {name}: {error}") from None
         else:
             raise UserError(f"--configs: {part!r} in {name!r} is not a backend {BACKENDS}, dtype {DTYPES}, "
                             f"linear scheme {LINEAR_SCHEMES}, emb{{8w,4w}}, kv{{fp32,int8}}, "
-                            f"attn{{{','.join(ATTENTION_KERNELS)}}}, gN, ctxN or chunkN")
+                            f"attn{{{','.join(ATTENTION_KERNELS)}}}, gN, ctxN, chunkN or sliceNAME (E4B: "
+                            "a --slice name, '_' for '-')")
     phone = name.split("-")[0] == PHONE
     if not phone and chosen["backend"] is None and chosen["quantize"] != "8da4w" and chosen["embeddings"] == "none":
         chosen["backend"] = "portable"
     if not phone:
         chosen["dtype"] = chosen["dtype"] or "fp32"
     try:
-        return resolve(KV, model=model, **chosen)
+        return dataclasses.replace(resolve(KV, model=model, **chosen), matformer_slice=matformer_slice)
     except ValueError as error:
         raise UserError(f"--configs {name}: {error}") from None
 

@@ -110,6 +110,9 @@ def run_all(args) -> list[dict]:
                     written.unlink()
             else:
                 options = parse_config(name, args.model, args.max_seq_length, args.max_context_length)
+                if options.matformer_slice is not None and args.logit_error:
+                    raise UserError(f"--configs {name}: a slice computes another function than eager {args.variant}, "
+                                    "which the logit error compares with: add --no-logit-error")
                 output = Path(args.work_dir if args.keep_programs else work) / f"{name}.pte"
                 record = exported(args, name, output)
                 if not args.export_only:
@@ -202,6 +205,9 @@ def main(argv: list[str] | None = None) -> int:
                 check_litert_lm(args)
             elif name not in EAGER:
                 options = parse_config(name, args.model, args.max_seq_length, args.max_context_length)
+                if options.matformer_slice is not None and args.logit_error:
+                    raise UserError(f"--configs {name}: a slice computes another function than eager {args.variant}, "
+                                    "which the logit error compares with: add --no-logit-error")
                 if args.memory_probe:
                     probe_prompt_tokens(args, options.context_len)
         if args.memory_probe:
