@@ -24,7 +24,7 @@ from executorch.exir.passes import MemoryPlanningPass
 from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPass
 from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
-from . import program_file
+from . import lowering_shortcuts, program_file
 from .progress import UserError, log
 
 
@@ -122,6 +122,11 @@ def lower(program: torch.export.ExportedProgram, backend: str, constant_methods:
           quantized_embeddings: bool = False, verbose: bool = False, initialized_buffers: tuple = ()):
     """Edge dialect + backend delegation + ExecuTorch memory planning; returns the program and
     the delegation report."""
+    with lowering_shortcuts.enabled():
+        return _lower(program, backend, constant_methods, quantized_embeddings, verbose, initialized_buffers)
+
+
+def _lower(program, backend, constant_methods, quantized_embeddings, verbose, initialized_buffers):
     config = EdgeCompileConfig(_check_ir_validity=False)
     if backend == "portable":
         # to_edge_transform_and_lower functionalizes the program (run_decompositions({})) before
