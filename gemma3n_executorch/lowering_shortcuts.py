@@ -27,7 +27,7 @@ import torch
 
 TORCHAO_QUANT_OPS = ("choose_qparams_affine", "quantize_affine", "dequantize_affine")
 
-_installed = False
+_library = None  # the overriding registrations last as long as this Library object
 _state = {"lowering": 0, "passes": 0, "shapes": None, "counts": None}
 
 
@@ -81,8 +81,8 @@ def _skippable_passes() -> dict:
 def _install() -> None:
     """Wraps, once per process, what the shortcuts need; every wrapper does exactly what it wraps
     unless ``enabled()`` is in force."""
-    global _installed
-    if _installed:
+    global _library
+    if _library is not None:
         return
     import torch._inductor.decomposition as inductor_decompositions
     import torchao.quantization.quant_primitives  # noqa: F401  (defines the torchao ops)
@@ -96,7 +96,6 @@ def _install() -> None:
         for name in TORCHAO_QUANT_OPS:
             body = inductor_decompositions.decompositions[getattr(torch.ops.torchao, name).default]
             library.impl(name, _shortcut_kernel(body), "CompositeImplicitAutograd", allow_override=True)
-    _install.library = library  # registrations last as long as the Library object
 
     export_pass_call = pass_base._ExportPassBase.call
 
@@ -121,7 +120,7 @@ def _install() -> None:
         return transform(self)
 
     xnnpack_passes.XNNPACKPassManager.transform = transform_without_idle_passes
-    _installed = True
+    _library = library
 
 
 @contextlib.contextmanager

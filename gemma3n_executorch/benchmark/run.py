@@ -81,6 +81,16 @@ def summary_line(record: dict) -> str:
             f"ttft {record['ttft_s']:.2f} s, run peak {record['run_peak_rss_bytes'] / 2**30:.2f} GiB")
 
 
+def program_options(args, name: str):
+    """A program config's export options; a slice is refused beside the logit error, whose
+    reference is the whole model."""
+    options = parse_config(name, args.model, args.max_seq_length, args.max_context_length)
+    if options.matformer_slice is not None and args.logit_error:
+        raise UserError(f"--configs {name}: a slice computes another function than eager {args.variant}, "
+                        "which the logit error compares with: add --no-logit-error")
+    return options
+
+
 def run_all(args) -> list[dict]:
     records, logits = [], {}
     if args.work_dir:
@@ -109,10 +119,7 @@ def run_all(args) -> list[dict]:
                 for written in output.parent.glob(output.name + "*"):  # and the XNNPACK cache LiteRT-LM left
                     written.unlink()
             else:
-                options = parse_config(name, args.model, args.max_seq_length, args.max_context_length)
-                if options.matformer_slice is not None and args.logit_error:
-                    raise UserError(f"--configs {name}: a slice computes another function than eager {args.variant}, "
-                                    "which the logit error compares with: add --no-logit-error")
+                options = program_options(args, name)
                 output = Path(args.work_dir if args.keep_programs else work) / f"{name}.pte"
                 record = exported(args, name, output)
                 if not args.export_only:
@@ -204,10 +211,7 @@ def main(argv: list[str] | None = None) -> int:
             elif name in LITERT_LM_CONFIGS:
                 check_litert_lm(args)
             elif name not in EAGER:
-                options = parse_config(name, args.model, args.max_seq_length, args.max_context_length)
-                if options.matformer_slice is not None and args.logit_error:
-                    raise UserError(f"--configs {name}: a slice computes another function than eager {args.variant}, "
-                                    "which the logit error compares with: add --no-logit-error")
+                options = program_options(args, name)
                 if args.memory_probe:
                     probe_prompt_tokens(args, options.context_len)
         if args.memory_probe:
