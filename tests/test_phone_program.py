@@ -54,8 +54,8 @@ def test_int8_kv_cache_program_stays_within_its_tolerance(programs, tiny_models,
     """An int8 KV cache on unquantized fp32 weights (portable kernels: the cache's ops run outside
     XNNPACK in the phone program too, and lowering the tiny phone program twice would cost the suite
     minutes), against eager fp32 attending in fp32; and the cache really is quantized (it differs
-    from the fp32-cache program). With either attention kernel: ExecuTorch's quantizes the queries
-    to int8 too, ours reads the int8 cache with fp32 queries."""
+    from the fp32-cache program). With either attention kernel: both quantize the queries to int8
+    too, per head and token (ExecuTorch asymmetrically, ours symmetrically, for integer dot products)."""
     kernel_flags = ("--attention-kernel", kernel) if kernel != "executorch" else ()
     int8 = teacher_forced(programs.get("e2b", "--mode", "kv", *LENGTHS, *FP32_WEIGHTS, "--kv-cache", "int8",
                                        *kernel_flags))

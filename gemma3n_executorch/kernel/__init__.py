@@ -10,7 +10,8 @@ a fake implementation for torch.export):
         caches float32 or float16; token t sees positions [0, start_pos + t]
     gemma3n::gqa_attention_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales,
                                 v_zero_points, start_pos) -> [1,n,H,D]
-        int8 caches, float32 scales and int8 zero points [1,S,KV,1]: value = (q - zp) * scale
+        int8 caches, float32 scales and int8 zero points [1,S,KV,1]: value = (q - zp) * scale;
+        the query is rounded to int8 per head (max |q| / 127), as ExecuTorch's int8 kernel does
     gemma3n::sliding_gqa_attention{,_int8}(..., start_pos, window)
         the cache is a ring, position p in slot p % S; token t sees (start_pos + t - window,
         start_pos + t], and no slot outside that is read (an unwritten ring needs no zeroing)
@@ -74,9 +75,17 @@ def dequantize(cache: torch.Tensor, scales: torch.Tensor, zero_points: torch.Ten
     return (cache.to(torch.float32) - zero_points.to(torch.float32)) * scales
 
 
+def quantize_query(query: torch.Tensor) -> torch.Tensor:
+    """The query as the int8 kernel uses it: each head's row rounded to int8 at max |q| / 127 (so
+    that q . k is an integer dot product), returned dequantized."""
+    amax = query.abs().amax(dim=-1, keepdim=True)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    return torch.round(query / scale) * scale
+
+
 def reference_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales, v_zero_points, start_pos, window=0):
-    return reference(query, dequantize(k_cache, k_scales, k_zero_points), dequantize(v_cache, v_scales, v_zero_points),
-                     start_pos, window)
+    return reference(quantize_query(query), dequantize(k_cache, k_scales, k_zero_points),
+                     dequantize(v_cache, v_scales, v_zero_points), start_pos, window)
 
 
 def _define(name: str, arguments: str, compute) -> None:
