@@ -6,7 +6,7 @@ against Hugging Face eager (the figures docs/benchmarks.md and parity.py cite).
 The KV-cache module (tasks.KVCacheLM) runs eagerly here, on ExecuTorch's own kernels for the
 cache ops and, for each precision, each attention kernel the exporter allows with it (this
 project's as its reference implementation, which computes what the kernel does: the int8 cache
-dequantized, the query left in fp32), teacher-forced over 96 tokens (a prefill of 8, then one token per call: the window of
+dequantized, the query rounded to int8 per head and token), teacher-forced over 96 tokens (a prefill of 8, then one token per call: the window of
 16 slides, the ring of 28 slots wraps); unquantized weights, and the phone recipe's 8da4w with
 4-bit embeddings in groups of 32 (the tiny model is 64 wide).
 """
