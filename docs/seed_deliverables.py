@@ -1,6 +1,7 @@
 """The original project's four programs at real size: export, check, and set beside its published sizes.
 
     python docs/seed_deliverables.py --json docs/seed-deliverables.json [--only e2b-bf16,e2b-int8,...]
+    python docs/seed_deliverables.py --json docs/seed-deliverables.json --table   (print it again)
 
 Each program is the fixed 32-token window (`e2b/export.py`, `e2b/export.py --quantize int8`, and
 the same for E4B) of a random-weight model of the published architecture (what an export costs
@@ -8,7 +9,8 @@ does not depend on the weights), exported in a process of its own (its peak memo
 then checked by validate.py's own checks without an eager model (shape, dtype, finite logits:
 the eager model at this size is what the tests compare on the tiny one). The JSON is rewritten
 after each program, so a run cut short keeps what it finished; a program that cannot be exported
-here is recorded with the reason. Prints the markdown table docs/benchmarks.md carries.
+here is recorded with the reason; programs not in --only keep the records an earlier run left in
+--json (one long run a session). Prints the markdown table docs/benchmarks.md carries.
 """
 
 from __future__ import annotations
@@ -66,15 +68,16 @@ def run(name: str, work: Path, layers: int | None) -> dict:
 
 
 def table(report: dict) -> str:
-    lines = ["| program | the original's file (GB) | file (GB) | export (s) | export peak (GiB) | validate.py |",
-             "|---|---|---|---|---|---|"]
-    for r in report["records"]:
+    lines = ["| program | the original's file | file: GB (GiB) | export (s) | export peak (GiB) | validate.py | machine, commit |",
+             "|---|---|---|---|---|---|---|"]
+    for r in sorted(report["records"], key=lambda r: list(PROGRAMS).index(r["program"])):
         if "error" in r:
-            lines.append(f"| `{r['program']}` | {r['published_gb']} | not exported: {r['error']} | | | |")
+            lines.append(f"| `{r['program']}` | {r['published_gb']} | not exported: {r['error']} | | | | {r['run']} |")
             continue
-        verdict = "all checks passed" if r["validate_exit"] == 0 else "; ".join(c for c in r["checks"] if c.startswith("FAIL"))
-        lines.append(f"| `{r['program']}` | {r['published_gb']} | {r['pte_bytes'] / 1e9:.2f} | {r['export_s']:.0f} "
-                     f"| {r['export_peak_rss_bytes'] / 2**30:.1f} | {verdict} |")
+        verdict = ("all checks passed" if r["validate_exit"] == 0 else "; ".join(c for c in r["checks"] if c.startswith("FAIL"))) \
+            + f" ({r['validate_s']:.0f} s)"
+        lines.append(f"| `{r['program']}` | {r['published_gb']} | {r['pte_bytes'] / 1e9:.2f} ({r['pte_bytes'] / 2**30:.2f}) "
+                     f"| {r['export_s']:.0f} | {r['export_peak_rss_bytes'] / 2**30:.1f} | {verdict} | {r['run']} |")
     return "\n".join(lines)
 
 
@@ -87,13 +90,19 @@ def main() -> None:
     parser.add_argument("--only", default=",".join(PROGRAMS), help="comma-separated, of " + ", ".join(PROGRAMS))
     parser.add_argument("--layers", type=int, default=None, help="cut the architecture to N layers (smoke runs)")
     parser.add_argument("--work-dir", type=Path, default=None, help="where the programs are written (default: temp)")
+    parser.add_argument("--table", action="store_true", help="print the table of --json and stop")
     args = parser.parse_args()
+    report = json.loads(args.json.read_text()) if args.json.exists() else {"records": []}
+    if args.table:
+        print(table(report))
+        return
     from gemma3n_executorch.benchmark.machine import machine, source_commit
 
-    report = {"machine": machine(), "commit": source_commit(), "records": []}
+    this_run = f"{machine()}, {source_commit()}"
     with tempfile.TemporaryDirectory(dir=args.work_dir) as work:
         for name in args.only.split(","):
-            report["records"].append(dict(run(name, Path(work), args.layers), layers=args.layers))
+            record = dict(run(name, Path(work), args.layers), layers=args.layers, run=this_run)
+            report["records"] = [r for r in report["records"] if r["program"] != name] + [record]
             args.json.write_text(json.dumps(report, indent=1) + "\n")
             print(table(report), flush=True)
 
