@@ -3,7 +3,7 @@ gemma3n::gqa_attention (gemma3n_executorch/kernel) against the kv program's curr
 (tasks.attend_full on ExecuTorch's llama::custom_sdpa / custom_quantized_sdpa).
 
     python docs/microbench_gqa_kernel.py [--context 32768] [--repeats 10] [--chunk 128]
-                                         [--caches fp32,int8] [--paths executorch,gemma3n] [--no-chunks]
+                                         [--caches fp32,int8] [--paths executorch,gemma3n] [--no-chunks] [--cold]
 
 E2B's 8 query heads over 2 KV heads of 256, the caches of tasks.FloatCache / tasks.Int8Cache
 (filled with random values), each variant exported and lowered alone on portable kernels with a
@@ -72,7 +72,13 @@ def main() -> None:
     parser.add_argument("--paths", default="executorch,gemma3n",
                         help="executorch: tasks.attend_full on ExecuTorch's kernels; gemma3n: this project's kernel")
     parser.add_argument("--no-chunks", dest="chunks", action="store_false", help="decode tokens only")
+    parser.add_argument("--cold", action="store_true",
+                        help="read 256 MB before each (timed) call, so the cache starts out of the CPU's caches, "
+                             "as in a program whose other layers pass between two reads of it")
     args = parser.parse_args()
+    flush = torch.ones(64 * 2**20) if args.cold else None
+    if args.cold:
+        torch.set_num_threads(1)  # torch's idle workers would spin beside ExecuTorch's threads
     from executorch.runtime import Runtime
 
     kernel.load_runtime_kernel()
@@ -96,10 +102,14 @@ def main() -> None:
                     for depth in (d for d in depths if d + n <= args.context):
                         inputs = [query, torch.arange(depth, depth + n)]
                         method.execute(inputs)
-                        began = time.perf_counter()
+                        seconds = 0.0
                         for _ in range(args.repeats):
+                            if flush is not None:
+                                flush.sum()
+                            began = time.perf_counter()
                             method.execute(inputs)
-                        milliseconds = (time.perf_counter() - began) / args.repeats * 1e3
+                            seconds += time.perf_counter() - began
+                        milliseconds = seconds / args.repeats * 1e3
                         read = (depth + n) * per_position
                         print(f"{name} {n:3d} token{'s' if n > 1 else ' '} at depth {depth:6d}: {milliseconds:9.3f} ms "
                               f"per call ({read / milliseconds / 1e6:6.2f} GB/s of cache read once)", flush=True)
