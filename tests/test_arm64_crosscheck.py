@@ -18,8 +18,6 @@ import cuda_stubs  # noqa: E402
 import emulated_cpu  # noqa: E402
 import instruction_log  # noqa: E402
 
-pytestmark = pytest.mark.xdist_group("arm64_crosscheck")  # its module fixtures are built once
-
 VARIANT = ("e2b",)
 
 

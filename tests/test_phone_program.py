@@ -15,8 +15,6 @@ from gemma3n_executorch.variants import BOS_ID, VARIANTS
 from tests.conftest import run
 from tests.test_kv_generation import FP32_WEIGHTS, KV_FLAGS, LENGTHS, PHONE_FLAGS
 
-pytestmark = pytest.mark.xdist_group("phone_program")  # its module fixtures are built once
-
 SEQUENCE = parity.probe_tokens(96, 512, BOS_ID)  # 96 > 2 x the sliding window of 16
 
 

@@ -16,8 +16,6 @@ from tests.checkpoints import write_text_only
 from tests.conftest import run
 from tests.test_kv_generation import FP32, LENGTHS, NEW_TOKENS, PROMPT, program_greedy
 
-pytestmark = pytest.mark.xdist_group("slicing")  # its module fixtures are built once
-
 TINY_HIDDEN = 64
 
 

@@ -22,8 +22,6 @@ from tests.conftest import REPO, run
 from tests.test_kv_generation import FP32, program_greedy
 from tests.test_perplexity import PERPLEXITY_LINE, reference_perplexity, relative_change
 
-pytestmark = pytest.mark.xdist_group("trained_model")  # its module fixtures are built once
-
 E2B = VARIANTS["e2b"]
 WINDOW = E2B.trained_config["sliding_window"]  # 64
 CONTEXT, CHUNK = 384, 48
