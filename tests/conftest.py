@@ -59,6 +59,17 @@ class ProgramCache:
                 output.with_suffix(".log").write_text(result.stderr)
         return output
 
+    def shared(self, name: str, compute):
+        """``compute()``'s result (anything torch.save takes), computed by the first worker to ask
+        and reused by the others, as the programs are."""
+        import torch
+
+        path = self.directory / f"{name}.pt"
+        with FileLock(str(path) + ".lock"):
+            if not path.exists():
+                torch.save(compute(), path)
+        return torch.load(path, weights_only=False)
+
     def log(self, variant: str, *flags: str, model: str = TINY_MODEL) -> str:
         """What the exporter printed while making that program."""
         return self.get(variant, *flags, model=model).with_suffix(".log").read_text()

@@ -25,16 +25,9 @@ VARIANT = ("e2b",)
 def references(programs):
     """The x86 runs, made once per test run and shared by the xdist workers like the programs (each
     worker that got a test of this module ran them all again, 170 s each)."""
-    import torch
-    from filelock import FileLock
-
     paths = {f"e2b-{kind}": programs.get("e2b", *flags) for kind, flags in crosscheck.PROGRAM_FLAGS.items()}
     jobs = crosscheck.jobs_for(paths, VARIANT)
-    results = programs.directory / "arm64-x86-results.pt"
-    with FileLock(str(results) + ".lock"):
-        if not results.exists():
-            torch.save(crosscheck.References(jobs).x86, results)
-    return crosscheck.References(jobs, x86=torch.load(results, weights_only=False))
+    return crosscheck.References(jobs, x86=programs.shared("arm64-x86-results", lambda: crosscheck.References(jobs).x86))
 
 
 def as_if_from_arm(references, **changes) -> dict:

@@ -11,7 +11,8 @@ a fake implementation for torch.export):
     gemma3n::gqa_attention_int8(query, k_cache, v_cache, k_scales, k_zero_points, v_scales,
                                 v_zero_points, start_pos) -> [1,n,H,D]
         int8 caches, float32 scales and int8 zero points [1,S,KV,1]: value = (q - zp) * scale;
-        the query is rounded to int8 per head (max |q| / 127), as ExecuTorch's int8 kernel does
+        the query is rounded to int8 per token and head (symmetric, max |q| / 127; ExecuTorch's
+        int8 kernel rounds it too, asymmetrically)
     gemma3n::sliding_gqa_attention{,_int8}(..., start_pos, window)
         the cache is a ring, position p in slot p % S; token t sees (start_pos + t - window,
         start_pos + t], and no slot outside that is read (an unwritten ring needs no zeroing)

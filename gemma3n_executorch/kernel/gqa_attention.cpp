@@ -5,6 +5,7 @@
 //   k/v      [1, S, KV, D] float32 | float16 | int8 (int8: value = (q - zero_point) * scale,
 //            scales float32 [1, S, KV, 1], zero points int8 [1, S, KV, 1])
 //   out      [1, n, H, D] float32 = softmax(q . k) v over positions [0, start_pos + t]; scale 1.
+//            int8: q is first rounded to int8 per token and head (symmetric, max |q| / 127).
 //   sliding: over positions (start_pos + t - window, start_pos + t] only, position p held in slot
 //            p % S (a ring: S >= window + n - 1 keeps every visible position; a smaller S must
 //            hold all positions). Slots never written are never read.
@@ -12,8 +13,9 @@
 // Every query head of a KV head (H / KV of them) and a block of tokens share each K/V row as it is
 // read; the positions are split across work items (flash-decoding: each item keeps its own running
 // max, sum and accumulator, merged at the end), so one decode token deep in the cache is spread
-// over every thread and read at memory speed. The arithmetic uses GCC/Clang vector extensions
-// (8 floats), which compile to AVX/AVX2+FMA on x86-64 and NEON on aarch64.
+// over every thread and read at memory speed. The float arithmetic uses GCC/Clang vector
+// extensions (8 floats), which compile to AVX/AVX2+FMA on x86-64 and NEON on aarch64; int8 keys
+// are scored with integer dot products (intrinsics: VNNI, AVX2, SDOT; plain C elsewhere).
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
