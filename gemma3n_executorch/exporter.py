@@ -15,7 +15,7 @@ from . import preflight, slicing
 from .options import (ATTENTION_KERNELS, BACKENDS, DEFAULT_GROUP_SIZE, DEFAULT_MAX_CONTEXT_LENGTH, DEFAULT_MAX_SEQ_LENGTH,
                       DEFAULT_SEQ_LEN, DTYPES, EMBEDDING_SCHEMES, FIXED, KV, KV_CACHE_DTYPES, LINEAR_SCHEMES,
                       MODE_DEFAULTS, MODES, PER_CHANNEL, XNNPACK_GROUP_MULTIPLE, ExportOptions, resolve)
-from .progress import StageTimer, UserError, gib, human_bytes, log, peak_rss_bytes, run_cli
+from .progress import StageTimer, UserError, gib, human_bytes, log, peak_rss_bytes, release_freed_memory, run_cli
 from .variants import TINY_MODEL, TRAINED_MODEL, Variant
 
 TOKENIZER_SUFFIX = ".tokenizer.json"
@@ -74,15 +74,18 @@ def prepare(model, options: ExportOptions, timer: StageTimer):
 
 def export_program(variant: Variant, options: ExportOptions, output: Path, timer: StageTimer | None = None,
                    verbose: bool = False, loaded=None) -> dict:
-    """Run every stage and write ``output``; return the summary figures."""
-    from . import checkpoint, lowering
+    """Run every stage and write ``output``; return the summary figures. The model is consumed:
+    quantized in place, then released (``loaded.model`` becomes None) as soon as the program holds
+    its weights, so that an export never holds both whole."""
+    from . import checkpoint, lowering, lowering_shortcuts
     from .metadata import ProgramInfo
 
     timer = timer or StageTimer()
     if loaded is None:
         with timer.stage("load"):
             loaded = checkpoint.load(options.model, variant, cut=options.matformer_slice)  # as stored; prepare() casts
-    log(f"  {loaded.num_parameters / 1e6:.1f} M text parameters from {loaded.source}")
+    parameters = loaded.num_parameters
+    log(f"  {parameters / 1e6:.1f} M text parameters from {loaded.source}")
     options = fit_context(options, loaded.config)
     module = prepare(loaded.model, options, timer)
     info = ProgramInfo(
@@ -98,10 +101,15 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
             f"phone apps are killed at a few GB in all: pass --kv-cache int8 or a smaller --max-context-length")
     with timer.stage("export"):
         exported = lowering.export(module, module.example_inputs(), module.dynamic_shapes())
-    with timer.stage("lower"):
-        program, delegation = lowering.lower(exported, options.backend, info.constant_methods(),
-                                             quantized_embeddings=options.embeddings != "none", verbose=verbose,
-                                             initialized_buffers=module.initialized_buffers)
+    initialized_buffers = module.initialized_buffers
+    del module
+    loaded.model = None  # the exported program holds the weights now; the delegates will hold them next
+    with timer.stage("lower"), lowering_shortcuts.enabled():
+        edge, delegation = lowering.delegate(exported, options.backend, info.constant_methods(), verbose)
+        del exported
+        release_freed_memory()  # what the delegates took (the quantized weights: E2B's 5 GB) is free now
+        program = lowering.emit(edge, options.embeddings != "none", initialized_buffers)
+        del edge
     with timer.stage("serialize"):
         tokenizer, template = companion_files(loaded)
         lowering.write_together({
@@ -113,7 +121,7 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
     if tokenizer is None:
         log(f"  warning: {loaded.directory} has no tokenizer.json; none written beside the program")
     return {
-        "output": str(output), "bytes": size, "parameters": loaded.num_parameters,
+        "output": str(output), "bytes": size, "parameters": parameters,
         "kv_cache_bytes": kv_cache_bytes, "planned_bytes": lowering.planned_bytes(program),
         "delegation": {k: v for k, v in delegation.items() if k != "table"},
         "tokenizer": str(tokenizer_path_for(output)) if tokenizer is not None else None, "peak_rss_bytes": peak_rss_bytes(),

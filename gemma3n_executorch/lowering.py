@@ -121,12 +121,20 @@ def export(module: torch.nn.Module, example_inputs: tuple, dynamic_shapes) -> to
 def lower(program: torch.export.ExportedProgram, backend: str, constant_methods: dict,
           quantized_embeddings: bool = False, verbose: bool = False, initialized_buffers: tuple = ()):
     """Edge dialect + backend delegation + ExecuTorch memory planning; returns the program and
-    the delegation report."""
+    the delegation report: ``delegate`` then ``emit``, with the lowering shortcuts."""
     with lowering_shortcuts.enabled():
         return _lower(program, backend, constant_methods, quantized_embeddings, verbose, initialized_buffers)
 
 
 def _lower(program, backend, constant_methods, quantized_embeddings, verbose, initialized_buffers):
+    edge, report = delegate(program, backend, constant_methods, verbose)
+    return emit(edge, quantized_embeddings, initialized_buffers), report
+
+
+def delegate(program, backend: str, constant_methods: dict, verbose: bool = False):
+    """The edge dialect program with what ``backend`` takes delegated to it, and the delegation
+    report. Once it returns, a delegating backend holds the weights it took in its own form: the
+    exported program's are needed no more."""
     config = EdgeCompileConfig(_check_ir_validity=False)
     if backend == "portable":
         # to_edge_transform_and_lower functionalizes the program (run_decompositions({})) before
@@ -147,6 +155,11 @@ def _lower(program, backend, constant_methods, quantized_embeddings, verbose, in
     if verbose:
         for line in report["table"]:
             log(line)
+    return edge, report
+
+
+def emit(edge, quantized_embeddings: bool = False, initialized_buffers: tuple = ()):
+    """ExecuTorch's memory planning and emission of a ``delegate``d program."""
     return edge.to_executorch(
         ExecutorchBackendConfig(
             # Turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
@@ -160,7 +173,7 @@ def _lower(program, backend, constant_methods, quantized_embeddings, verbose, in
             # Plan dynamic-shape tensors at their upper bound, not by symbolic guess.
             sym_shape_eval_pass=ConstraintBasedSymShapeEvalPass(),
         )
-    ), report
+    )
 
 
 def planned_bytes(program) -> int:

@@ -52,22 +52,32 @@ def in_row_blocks(module: nn.Module, dtype: torch.dtype, quantize_one) -> None:
     and reassemble torchao's tensor; ``quantize_one(module)`` quantizes a module in place."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
-    pieces = []
-    for block in module.weight.detach().split(ROWS_PER_BLOCK):
+    rows = module.weight.shape[0]
+    joined, template = {}, None
+    for start, block in zip(range(0, rows, ROWS_PER_BLOCK), module.weight.detach().split(ROWS_PER_BLOCK)):
         block = block.to(dtype)
         piece = nn.Embedding(*block.shape, _weight=block) if isinstance(module, nn.Embedding) else \
             nn.Linear(block.shape[1], block.shape[0], bias=False)
         if isinstance(piece, nn.Linear):
             piece.weight = nn.Parameter(block, requires_grad=False)
         quantize_one(piece)
-        pieces.append(piece.weight)
-    first = pieces[0]
+        quantized = piece.weight
+        if template is None:
+            if len(block) == rows:
+                module.weight = nn.Parameter(quantized.data, requires_grad=False)
+                return
+            template = quantized
+        # Each block's rows written into the whole table's tensors as it comes: joining the blocks
+        # at the end (torch.cat) held the table's quantized data twice (E2B's per-layer table: 2 GB).
+        for name in type(quantized).tensor_data_names:  # qdata, scale, zero_point
+            part = getattr(quantized, name)
+            if name not in joined:
+                joined[name] = part.new_empty((rows, *part.shape[1:]))  # scales too: one row of them a row
+            joined[name][start:start + len(block)] = part
     # torchao 0.18 implements no torch.cat for its tensor: its constructor, by keyword as its from_hp calls it.
-    joined = first.data if len(pieces) == 1 else IntxUnpackedToInt8Tensor(
-        qdata=torch.cat([p.qdata for p in pieces]), scale=torch.cat([p.scale for p in pieces]),
-        zero_point=torch.cat([p.zero_point for p in pieces]), target_dtype=first.target_dtype,
-        block_size=first.block_size, dtype=first.dtype, activation_quantization=first.activation_quantization)
-    module.weight = nn.Parameter(joined, requires_grad=False)
+    module.weight = nn.Parameter(IntxUnpackedToInt8Tensor(
+        **joined, target_dtype=template.target_dtype, block_size=template.block_size, dtype=template.dtype,
+        activation_quantization=template.activation_quantization), requires_grad=False)
 
 
 def quantizable(linear: nn.Linear, scheme: str, group_size: int) -> bool:

@@ -62,3 +62,25 @@ def test_stock_runner_keeps_the_gathered_tables_in_the_file_and_maps_only_the_ro
         assert resident < table.bytes / 4, (name, resident, table.bytes)
     table_bytes = sum(table.bytes for table in tables.values())
     assert prompted["anon"] - loaded["anon"] < table_bytes / 4, (prompted["anon"], loaded["anon"], table_bytes)
+
+
+
+def test_an_export_frees_the_model_once_the_delegates_hold_its_weights(tmp_path):
+    """export_program lets go of the eager model (and of the exported program) between delegation
+    and emission, so that an export never holds the weights twice over (E2B's phone export: 5 GB
+    of quantized weights beside the delegates' repacked copy). A reference kept by mistake anywhere
+    would keep them all alive without a word. Two layers of the phone recipe."""
+    import dataclasses
+    import weakref
+
+    from gemma3n_executorch import exporter
+    from gemma3n_executorch.options import KV, resolve
+    from gemma3n_executorch.variants import VARIANTS
+
+    variant = dataclasses.replace(VARIANTS["e2b"], tiny_config=tiny_config(2, 1, 128))
+    options = resolve(KV, None, None, None, None, 32, "tiny", 32, 64, None, None)
+    loaded = checkpoint.LoadedModel(checkpoint.build_tiny(variant), "tiny", None)
+    linear = weakref.ref(loaded.model.model.layers[0].mlp.gate_proj)  # its weight is replaced when quantized
+    summary = exporter.export_program(variant, options, tmp_path / "phone.pte", loaded=loaded)
+    assert loaded.model is None and linear() is None
+    assert summary["delegation"]["delegated"] > 0 and summary["bytes"] == (tmp_path / "phone.pte").stat().st_size
