@@ -1,0 +1,110 @@
+"""Where a decode step's time goes deep in the cache: one-token calls of a kv program at each depth,
+timed, and sampled by ``perf`` while they run (not while the program loads), its samples summed
+by shared object and by symbol, per token. Behind "Where decode time goes at depth" in
+docs/benchmarks.md:
+
+    python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --seconds 30 --perf-dir /tmp/prof
+    python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --torch-threads 2   (timed only)
+
+A call's cost does not depend on what the cache holds (every kernel reads the positions up to the
+token's own, whatever their values), so each depth is reached by setting the position, without
+prefilling thousands of tokens first.
+"""
+import argparse
+import collections
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+TOKEN = 9
+WARM_UP_CALLS = 5
+
+
+def decode_at(program, depth: int, seconds: float) -> tuple[int, float]:
+    """Calls made and seconds taken, each call one token at position ``depth``."""
+    calls, began = 0, time.perf_counter()
+    while time.perf_counter() - began < seconds:
+        program.position = depth
+        program.step([TOKEN])
+        calls += 1
+    return calls, time.perf_counter() - began
+
+
+def sampled(perf_data: Path, key: str) -> collections.Counter:
+    """perf samples by ``key`` (dso or sym), from ``perf report``'s flat listing."""
+    listing = subprocess.run(["perf", "report", "-i", str(perf_data), "--no-children", "--sort", key, "-F",
+                              f"sample,{key}", "--stdio", "-q"], capture_output=True, text=True, check=True).stdout
+    counts = collections.Counter()
+    for line in listing.splitlines():
+        parts = line.split(None, 1)
+        if len(parts) == 2 and parts[0].isdigit():
+            counts[parts[1].strip().removeprefix("[.] ").removeprefix("[k] ")] += int(parts[0])
+    return counts
+
+
+def profile(program, depth: int, seconds: float, perf_dir: Path, frequency: int) -> dict:
+    perf_data = perf_dir / f"depth{depth}.data"
+    recorder = subprocess.Popen(["perf", "record", "-e", "cpu-clock", "-F", str(frequency), "-p", str(os.getpid()),
+                                 "-o", str(perf_data)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    time.sleep(1)  # perf attaches to every thread before the timed calls
+    calls, taken = decode_at(program, depth, seconds)
+    recorder.send_signal(signal.SIGINT)
+    recorder.wait()
+    return {"calls": calls, "ms_per_token": taken / calls * 1e3,
+            "dso": sampled(perf_data, "dso"), "sym": sampled(perf_data, "sym")}
+
+
+def report(results: dict, frequency: int, rows: int) -> None:
+    """Per token, ms of CPU time (both threads) by shared object and by symbol, each depth side by side."""
+    depths = sorted(results)
+    print("ms per token: " + ", ".join(f"depth {d} {results[d]['ms_per_token']:.2f}" for d in depths))
+    for key in ("dso", "sym"):
+        per_token = {d: {name: count / frequency * 1e3 / results[d]["calls"] for name, count in results[d][key].items()}
+                     for d in depths}
+        names = sorted({n for d in depths for n in per_token[d]}, key=lambda n: -max(per_token[d].get(n, 0) for d in depths))
+        print(f"\nCPU ms per token by {key} (" + " | ".join(f"depth {d}" for d in depths) + "):")
+        for name in names[:rows]:
+            print("  " + " | ".join(f"{per_token[d].get(name, 0):7.2f}" for d in depths) + f"  {name[:110]}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("program", type=Path)
+    parser.add_argument("--depths", default="128,32000")
+    parser.add_argument("--seconds", type=float, default=30, help="of calls at each depth")
+    parser.add_argument("--perf-dir", type=Path, help="sample with perf and keep its data here")
+    parser.add_argument("--frequency", type=int, default=999, help="perf samples a second, per thread")
+    parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--torch-threads", type=int, default=1,
+                        help="torch's own threads beside the program (generate.py and bench.py: 1)")
+    args = parser.parse_args()
+    import torch
+
+    from gemma3n_executorch.runtime import Program, leave_the_cores_to_programs
+
+    program = Program(args.program)
+    leave_the_cores_to_programs()
+    torch.set_num_threads(args.torch_threads)
+    depths = [int(d) for d in args.depths.split(",")]
+    for depth in depths:
+        program.position = depth
+        for _ in range(WARM_UP_CALLS):
+            program.position = depth
+            program.step([TOKEN])
+    if args.perf_dir is None:
+        for depth in depths:
+            calls, taken = decode_at(program, depth, args.seconds)
+            print(f"depth {depth}: {taken / calls * 1e3:.2f} ms per token ({calls} calls)")
+        return
+    args.perf_dir.mkdir(parents=True, exist_ok=True)
+    report({depth: profile(program, depth, args.seconds, args.perf_dir, args.frequency) for depth in depths},
+           args.frequency, args.rows)
+
+
+if __name__ == "__main__":
+    main()
