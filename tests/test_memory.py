@@ -1,17 +1,19 @@
 """What a phone keeps resident of a program: ExecuTorch's stock runner in a process that cannot
 mlock (gemma3n_executorch/memory_probe.py), on a tiny phone program whose vocabulary is large
-enough for its gathered tables to span hundreds of pages."""
+enough for its gathered tables to span hundreds of pages; and what the export of that program lets
+go of before it emits it."""
 
 from __future__ import annotations
+
+import weakref
 
 import pytest
 import torch
 from transformers import Gemma3nForCausalLM, Gemma3nTextConfig
 
-from gemma3n_executorch import checkpoint, memory_probe, parity, program_file
-from gemma3n_executorch.variants import BOS_ID, tiny_config
+from gemma3n_executorch import checkpoint, exporter, memory_probe, parity, program_file
+from gemma3n_executorch.variants import BOS_ID, VARIANTS, tiny_config
 from tests.checkpoints import write_text_only
-from tests.conftest import run
 from tests.test_kv_generation import PHONE_FLAGS
 
 # 65536 x 64 values at 4 bits: a 2 MiB token embedding and a 2 MiB per-layer table (the tiny
@@ -25,15 +27,27 @@ PROMPT_TOKENS, NEW_TOKENS = 41, 8
 
 
 @pytest.fixture(scope="module")
-def wide_vocabulary_program(tmp_path_factory):
+def wide_vocabulary_export(tmp_path_factory):
+    """The phone program of a wide-vocabulary checkpoint, exported in this process with the CLI's
+    options (to see what the export lets go of), and whether its model was alive after the export."""
     config = dict(tiny_config(LAYERS, SHARED_LAYERS, 128), vocab_size=VOCAB, vocab_size_per_layer_input=PER_LAYER_VOCAB)
     model = Gemma3nForCausalLM(Gemma3nTextConfig(**config))
     checkpoint.randomize_(model, 0)
     directory = tmp_path_factory.mktemp("wide-vocabulary")
     write_text_only(model.to(torch.float32).eval(), directory / "checkpoint")
+    del model
     output = directory / "phone.pte"
-    run("e2b/export.py", "--model", str(directory / "checkpoint"), "--output", str(output), *PHONE_FLAGS, check=True)
-    return output
+    variant = VARIANTS["e2b"]
+    options, _, _, _ = exporter.parse_args(variant, ["--model", str(directory / "checkpoint"), *PHONE_FLAGS])
+    loaded = checkpoint.load(options.model, variant)
+    linear = weakref.ref(loaded.model.model.layers[0].mlp.gate_proj)  # its weight is replaced when quantized
+    summary = exporter.export_program(variant, options, output, loaded=loaded)
+    return output, summary, loaded.model is not None or linear() is not None
+
+
+@pytest.fixture(scope="module")
+def wide_vocabulary_program(wide_vocabulary_export):
+    return wide_vocabulary_export[0]
 
 
 def test_stock_runner_keeps_the_gathered_tables_in_the_file_and_maps_only_the_rows_read(
@@ -64,23 +78,11 @@ def test_stock_runner_keeps_the_gathered_tables_in_the_file_and_maps_only_the_ro
     assert prompted["anon"] - loaded["anon"] < table_bytes / 4, (prompted["anon"], loaded["anon"], table_bytes)
 
 
-
-def test_an_export_frees_the_model_once_the_delegates_hold_its_weights(tmp_path):
+def test_an_export_frees_the_model_once_the_delegates_hold_its_weights(wide_vocabulary_export):
     """export_program lets go of the eager model (and of the exported program) between delegation
     and emission, so that an export never holds the weights twice over (E2B's phone export: 5 GB
     of quantized weights beside the delegates' repacked copy). A reference kept by mistake anywhere
-    would keep them all alive without a word. Two layers of the phone recipe."""
-    import dataclasses
-    import weakref
-
-    from gemma3n_executorch import exporter
-    from gemma3n_executorch.options import KV, resolve
-    from gemma3n_executorch.variants import VARIANTS
-
-    variant = dataclasses.replace(VARIANTS["e2b"], tiny_config=tiny_config(2, 1, 128))
-    options = resolve(KV, None, None, None, None, 32, "tiny", 32, 64, None, None)
-    loaded = checkpoint.LoadedModel(checkpoint.build_tiny(variant), "tiny", None)
-    linear = weakref.ref(loaded.model.model.layers[0].mlp.gate_proj)  # its weight is replaced when quantized
-    summary = exporter.export_program(variant, options, tmp_path / "phone.pte", loaded=loaded)
-    assert loaded.model is None and linear() is None
-    assert summary["delegation"]["delegated"] > 0 and summary["bytes"] == (tmp_path / "phone.pte").stat().st_size
+    would keep them all alive without a word."""
+    output, summary, model_alive = wide_vocabulary_export
+    assert not model_alive
+    assert summary["delegation"]["delegated"] > 0 and summary["bytes"] == output.stat().st_size
