@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .options import PER_CHANNEL, XNNPACK_GROUP_MULTIPLE
-from .progress import log
+from .progress import log, release_freed_memory
 
 EMBEDDING_GROUP_SIZE = PER_CHANNEL  # one scale per row: the per-layer table's rows are 7680 wide (E2B)
 LM_HEAD_SCHEME = {"8w": "8da8w", "4w": "8da4w"}  # per row, as the embedding it is tied to
@@ -74,6 +74,8 @@ def in_row_blocks(module: nn.Module, dtype: torch.dtype, quantize_one) -> None:
             if name not in joined:
                 joined[name] = part.new_empty((rows, *part.shape[1:]))  # scales too: one row of them a row
             joined[name][start:start + len(block)] = part
+        del quantized, piece
+        release_freed_memory()  # each block's freed temporaries, before the next block's
     # torchao 0.18 implements no torch.cat for its tensor: its constructor, by keyword as its from_hp calls it.
     module.weight = nn.Parameter(IntxUnpackedToInt8Tensor(
         **joined, target_dtype=template.target_dtype, block_size=template.block_size, dtype=template.dtype,
