@@ -49,9 +49,12 @@ def run_cli(body: Callable[[], int]) -> int:
         return TERMINATED_EXIT
 
 
+_peak_before_restart = 0  # the process's high-water mark when restart_peak_rss last reset the kernel's
+
+
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    return max(_peak_before_restart, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
 
 
 def release_freed_memory() -> None:
@@ -81,6 +84,20 @@ def current_rss_bytes() -> int:
     return memory_status("VmRSS")["VmRSS"]
 
 
+def restart_peak_rss() -> bool:
+    """Start /proc's resident high-water mark (VmHWM) again from the current size, so that it
+    gives the peak of what follows. The kernel resets the process's maximum with it (getrusage
+    reads the same mark), so peak_rss_bytes keeps the earlier one. False where not allowed."""
+    global _peak_before_restart
+    _peak_before_restart = peak_rss_bytes()
+    try:
+        with open("/proc/self/clear_refs", "w") as clear_refs:
+            clear_refs.write("5")
+        return True
+    except OSError:
+        return False
+
+
 def gib(num_bytes: int) -> str:
     return f"{num_bytes / 2**30:.2f} GiB"
 
@@ -106,11 +123,13 @@ class StageTimer:
     @contextmanager
     def stage(self, name: str):
         log(f"[{name}] ...")
+        own_peak = restart_peak_rss()
         began = time.perf_counter()
         yield
         elapsed = time.perf_counter() - began
         self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
-        log(f"[{name}] done in {elapsed:.1f} s (rss {gib(current_rss_bytes())}, peak {gib(peak_rss_bytes())})")
+        stage_peak = f"stage peak {gib(memory_status('VmHWM')['VmHWM'])}, " if own_peak else ""
+        log(f"[{name}] done in {elapsed:.1f} s (rss {gib(current_rss_bytes())}, {stage_peak}peak {gib(peak_rss_bytes())})")
 
     @property
     def total(self) -> float:
