@@ -80,8 +80,9 @@ def main() -> None:
     parser.add_argument("--perf-dir", type=Path, help="sample with perf and keep its data here")
     parser.add_argument("--frequency", type=int, default=999, help="perf samples a second, per thread")
     parser.add_argument("--rows", type=int, default=25)
-    parser.add_argument("--torch-threads", type=int, default=1,
-                        help="torch's own threads beside the program (generate.py and bench.py: 1)")
+    parser.add_argument("--torch-threads", type=int,
+                        help="torch's own threads beside the program (default: what generate.py and bench.py "
+                             "set, runtime.leave_the_cores_to_programs)")
     args = parser.parse_args()
     import torch
 
@@ -89,10 +90,10 @@ def main() -> None:
 
     program = Program(args.program)
     leave_the_cores_to_programs()
-    torch.set_num_threads(args.torch_threads)
+    if args.torch_threads is not None:
+        torch.set_num_threads(args.torch_threads)
     depths = [int(d) for d in args.depths.split(",")]
     for depth in depths:
-        program.position = depth
         for _ in range(WARM_UP_CALLS):
             program.position = depth
             program.step([TOKEN])

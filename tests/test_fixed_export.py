@@ -120,7 +120,7 @@ def test_the_reported_peak_memory_is_the_process_s_own_peak_as_proc_sees_it(tmp_
     reported = float(re.search(r"peak memory ([\d.]+) GiB", log).group(1)) * 2**30
     stage_peaks = [float(p) * 2**30 for p in re.findall(r"stage peak ([\d.]+) GiB", log)]
     assert len(stage_peaks) == 6 and reported >= max(stage_peaks) - 0.01 * 2**30
-    # The stage peaks are lower than the whole run's for at least the first stage (the model only exists later).
+    # Each stage line is its own: the early stages (a tiny model, before lowering's copies) peak lower than the run.
     assert min(stage_peaks) < reported
     assert highest - 0.01 * 2**30 <= reported <= highest * 1.1, (reported, highest)
 
