@@ -42,6 +42,9 @@ class LoadedModel:
     model: Gemma3nForCausalLM
     source: str  # "tiny", a hub id or a directory
     directory: Path | None  # where tokenizer files can be found; None for the tiny model
+    # Where the weights still on the meta device are read from (stored_weights.StoredWeights);
+    # None: the model holds all of them.
+    weights: object = None
 
     @property
     def config(self) -> Gemma3nTextConfig:

@@ -51,8 +51,9 @@ def default_output(variant: Variant, options: ExportOptions) -> Path:
     return Path("-".join(parts) + ".pte")
 
 
-def prepare(model, options: ExportOptions, timer: StageTimer):
-    """Patch, wrap and quantize an eager model: the module that gets exported."""
+def prepare(model, options: ExportOptions, timer: StageTimer, weights=None):
+    """Patch, wrap and quantize an eager model (whose weights ``weights`` reads, when it was built
+    without them): the module that gets exported."""
     import patches
 
     from . import checkpoint, lowering, quantize, tasks
@@ -62,7 +63,7 @@ def prepare(model, options: ExportOptions, timer: StageTimer):
         log(f"  runtime fixes in force: {', '.join(applied) or 'none needed'}")
     with timer.stage("quantize"):  # before wrapping: the KV caches take the export dtype
         quantize.apply(model, options.quantize, options.embeddings, options.group_size,
-                       checkpoint.TORCH_DTYPES[options.dtype])
+                       checkpoint.TORCH_DTYPES[options.dtype], weights or quantize.HeldWeights)
     if options.mode == FIXED:
         module = tasks.FixedWindowLM(model, options.seq_len).eval()
     else:
@@ -77,17 +78,17 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
     """Run every stage and write ``output``; return the summary figures. The model is consumed:
     quantized in place, then released (``loaded.model`` becomes None) as soon as the program holds
     its weights, so that an export never holds both whole."""
-    from . import checkpoint, lowering, lowering_shortcuts
+    from . import lowering, lowering_shortcuts, stored_weights
     from .metadata import ProgramInfo
 
     timer = timer or StageTimer()
     if loaded is None:
-        with timer.stage("load"):
-            loaded = checkpoint.load(options.model, variant, cut=options.matformer_slice)  # as stored; prepare() casts
+        with timer.stage("load"):  # the weights are read as the quantize stage reaches them
+            loaded = stored_weights.load(options.model, variant, options.matformer_slice)
     parameters = loaded.num_parameters
     log(f"  {parameters / 1e6:.1f} M text parameters from {loaded.source}")
     options = fit_context(options, loaded.config)
-    module = prepare(loaded.model, options, timer)
+    module = prepare(loaded.model, options, timer, loaded.weights)
     info = ProgramInfo(
         variant=variant.name, source=loaded.source, mode=options.mode, seq_len=options.seq_len,
         context_len=options.context_len, kv_cache=options.kv_cache, attention_kernel=options.attention_kernel,
@@ -272,7 +273,7 @@ def save_slice_checkpoint(variant: Variant, options: ExportOptions, directory: P
     import shutil
     import tempfile
 
-    from . import checkpoint
+    from . import stored_weights
 
     if directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
         raise UserError(f"--save-slice {directory}: exists and is not an empty directory; pass a new directory")
@@ -282,8 +283,10 @@ def save_slice_checkpoint(variant: Variant, options: ExportOptions, directory: P
     if options.model != TINY_MODEL:
         preflight.local_checkpoint(options.model)
     timer = StageTimer()
-    with timer.stage("load"):
-        loaded = checkpoint.load(options.model, variant, cut=options.matformer_slice)
+    with timer.stage("load"):  # the slice is cut from each tensor as it is read: the full model is never held
+        loaded = stored_weights.load(options.model, variant, options.matformer_slice)
+        if loaded.weights is not None:
+            loaded.weights.fill_(loaded.model)
     staging = Path(tempfile.mkdtemp(prefix=f".{directory.name}.", dir=directory.resolve().parent))
     try:
         with timer.stage("save"):

@@ -14,7 +14,8 @@ own LLM quantizer (``quantize_model_``).
 
 The model comes as its checkpoint stores it (bf16) and reaches the export dtype one module at a
 time, each cast just before it is quantized: the fp32 copy of the whole model (E4B: 27.5 GB)
-never exists.
+never exists. The exporter's model holds no weights at all until then (stored_weights.py): each
+is read from the checkpoint as it is reached, so not even the bf16 model exists whole.
 """
 
 from __future__ import annotations
@@ -47,15 +48,28 @@ def quantize_model(module: nn.Module, **config) -> None:
         quantize_model_(module, **config)
 
 
-def in_row_blocks(module: nn.Module, dtype: torch.dtype, quantize_one) -> None:
+class HeldWeights:
+    """The weights as the model holds them (stored_weights.StoredWeights reads those of a model
+    built without them from its checkpoint instead, through the same two calls)."""
+
+    @staticmethod
+    def rows(parameter: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        return parameter.detach()[start:stop]
+
+    @staticmethod
+    def fill_(module: nn.Module, dtype: torch.dtype | None = None) -> None:
+        pass
+
+
+def in_row_blocks(module: nn.Module, dtype: torch.dtype, quantize_one, weights=HeldWeights) -> None:
     """Quantize a large nn.Embedding / nn.Linear block by block of rows, each cast to ``dtype``,
     and reassemble torchao's tensor; ``quantize_one(module)`` quantizes a module in place."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
     rows = module.weight.shape[0]
     joined, template = {}, None
-    for start, block in zip(range(0, rows, ROWS_PER_BLOCK), module.weight.detach().split(ROWS_PER_BLOCK)):
-        block = block.to(dtype)
+    for start in range(0, rows, ROWS_PER_BLOCK):
+        block = weights.rows(module.weight, start, min(rows, start + ROWS_PER_BLOCK)).to(dtype)
         piece = nn.Embedding(*block.shape, _weight=block) if isinstance(module, nn.Embedding) else \
             nn.Linear(block.shape[1], block.shape[0], bias=False)
         if isinstance(piece, nn.Linear):
@@ -104,28 +118,33 @@ def quantize_linear(linear: nn.Linear, scheme: str, group_size: int) -> None:
         raise ValueError(f"unknown linear quantization {scheme!r}")
 
 
-def quantize_linears(module: nn.Module, scheme: str, group_size: int, dtype: torch.dtype) -> list[str]:
+def quantize_linears(module: nn.Module, scheme: str, group_size: int, dtype: torch.dtype,
+                     weights=HeldWeights) -> list[str]:
     """Every nn.Linear in ``module`` that the scheme can take, cast to ``dtype`` then quantized;
     returns the names of those left as they were."""
     skipped = []
     for name, linear in list(module.named_modules()):
         if isinstance(linear, nn.Linear):
             if quantizable(linear, scheme, group_size):
+                weights.fill_(linear)
                 quantize_linear(linear.to(dtype), scheme, group_size)
             else:
                 skipped.append(name)
     return skipped
 
 
-def apply(model: nn.Module, linear: str, embeddings: str, group_size: int, dtype: torch.dtype) -> None:
+def apply(model: nn.Module, linear: str, embeddings: str, group_size: int, dtype: torch.dtype,
+          weights=HeldWeights) -> None:
     """Bring a Gemma3nForCausalLM, as loaded, to ``dtype`` and the given quantization, in place;
-    the exporter and the eager references both come through here, so they quantize identically."""
+    the exporter and the eager references both come through here, so they quantize identically.
+    ``weights``: where the model's weights come from (``loaded.weights`` when the model was
+    built without them)."""
     from .checkpoint import cast_
 
     decoder = model.model
     skipped = []
     if linear != "none":  # first: it frees most of the weights before the big tables
-        skipped = quantize_linears(decoder, linear, group_size, dtype)
+        skipped = quantize_linears(decoder, linear, group_size, dtype, weights)
     if embeddings != "none":
         for table in (decoder.embed_tokens, decoder.embed_tokens_per_layer):
             # padding_idx only matters for training, but ExecuTorch's pass that turns torchao's
@@ -133,7 +152,7 @@ def apply(model: nn.Module, linear: str, embeddings: str, group_size: int, dtype
             # without one; Gemma 3n's have padding_idx 0.
             table.padding_idx = None
             in_row_blocks(table, dtype, lambda piece: quantize_model(
-                piece, qembedding_config=embeddings, qembedding_group_size=EMBEDDING_GROUP_SIZE))
+                piece, qembedding_config=embeddings, qembedding_group_size=EMBEDDING_GROUP_SIZE), weights)
         head_scheme, head_group = LM_HEAD_SCHEME[embeddings], EMBEDDING_GROUP_SIZE
     else:
         head_scheme, head_group = linear, group_size
@@ -141,9 +160,11 @@ def apply(model: nn.Module, linear: str, embeddings: str, group_size: int, dtype
         skipped.append("lm_head")
         head_scheme = "none"
     if head_scheme == "int8":  # weight-only int8 quantizes in place, with no fp32 temporaries to bound
+        weights.fill_(model.lm_head)
         quantize_linear(model.lm_head.to(dtype), head_scheme, head_group)
     elif head_scheme != "none":
-        in_row_blocks(model.lm_head, dtype, lambda piece: quantize_linear(piece, head_scheme, head_group))
+        in_row_blocks(model.lm_head, dtype, lambda piece: quantize_linear(piece, head_scheme, head_group), weights)
+    weights.fill_(model, dtype)  # what is left in floating point, one tensor at a time
     cast_(model, dtype)
     if skipped:
         grouping = "one scale per channel" if group_size == PER_CHANNEL else f"group size {group_size}"

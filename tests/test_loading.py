@@ -12,12 +12,18 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma3n_executorch import checkpoint, quantize
+from gemma3n_executorch import checkpoint, exporter, quantize, stored_weights
 from gemma3n_executorch.progress import UserError
 from gemma3n_executorch.variants import VARIANTS
 from tests.checkpoints import write_multimodal, write_text_only
+from tests.test_kv_generation import LENGTHS
+from tests.test_slicing import CUSTOM
 
 REPO = Path(__file__).resolve().parent.parent
+# Both loaders refuse what does not fit: Hugging Face's (the eager references) and the exporter's,
+# which reads each weight only when it quantizes it.
+LOADERS = {"hugging-face": lambda model, variant: checkpoint.load(model, variant, torch.float32),
+           "exporter": stored_weights.load}
 
 
 @pytest.mark.parametrize("variant", ["e2b", "e4b"])
@@ -117,7 +123,8 @@ def _edit_weights(directory: Path, edit) -> None:
      "tensor model.layers.0.mlp.gate_proj.weight has shape [3, 64] in the checkpoint but the config needs [128, 64]"),
     (lambda t: t.update({"model.extra.weight": torch.zeros(2)}), "not part of Gemma 3n, e.g. model.extra.weight"),
 ], ids=["missing", "wrong-shape", "foreign"])
-def test_checkpoint_that_does_not_match_its_config_is_refused(tmp_path, tiny_models, edit, fragment):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_checkpoint_that_does_not_match_its_config_is_refused(loader, tmp_path, tiny_models, edit, fragment):
     """transformers initialises a missing tensor at random and says so only in a log line (the
     program then computes something else, logits off by up to 14); a wrong shape raised a bare
     RuntimeError that named no tensor."""
@@ -127,12 +134,13 @@ def test_checkpoint_that_does_not_match_its_config_is_refused(tmp_path, tiny_mod
         checkpoint.load(str(directory), VARIANTS["e2b"], torch.float32)
 
 
-def test_truncated_weights_are_refused(tmp_path, tiny_models):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_truncated_weights_are_refused(loader, tmp_path, tiny_models):
     directory = write_text_only(tiny_models("e2b"), tmp_path / "checkpoint")
     weights = directory / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
     with pytest.raises(UserError, match="download the checkpoint again"):
-        checkpoint.load(str(directory), VARIANTS["e2b"], torch.float32)
+        LOADERS[loader](str(directory), VARIANTS["e2b"])
 
 
 @pytest.mark.parametrize("content, fragment", [
@@ -146,8 +154,28 @@ def test_malformed_config_is_refused(tmp_path, content, fragment):
         checkpoint.load(str(tmp_path), VARIANTS["e2b"], torch.float32)
 
 
-def test_checkpoint_of_the_other_variant_is_refused(tmp_path, tiny_models):
+@pytest.mark.parametrize("loader", LOADERS)
+def test_checkpoint_of_the_other_variant_is_refused(loader, tmp_path, tiny_models):
     """e4b/export.py --model <an E2B checkpoint> wrote a program labelled E4B."""
     directory = write_text_only(tiny_models("e2b"), tmp_path / "checkpoint")
     with pytest.raises(UserError, match="a Gemma 3n E2B checkpoint .* export it with e2b/export.py"):
-        checkpoint.load(str(directory), VARIANTS["e4b"], torch.float32)
+        LOADERS[loader](str(directory), VARIANTS["e4b"])
+
+
+@pytest.mark.parametrize("variant, flags", [
+    ("e2b", ("--quantize", "int8")),
+    ("e4b", ("--mode", "kv", *LENGTHS, "--group-size", "32", *CUSTOM)),
+], ids=["fixed-int8", "phone-slice"])
+def test_export_reading_each_weight_as_it_quantizes_writes_the_same_program(tmp_path, variant, flags):
+    """The exporter builds the model without weights and reads each from the files only when it
+    quantizes it (a slice cut as it is read), so that not even the bf16 model is held whole (E4B:
+    13.6 GB): the program must be the one Hugging Face's loader gives, byte for byte. A bf16
+    checkpoint in the published layout: towers, and K/V projections for the sharing layers."""
+    directory = write_multimodal(checkpoint.build_tiny(VARIANTS[variant], torch.bfloat16), tmp_path / "checkpoint")
+    options, _, _, _ = exporter.parse_args(VARIANTS[variant], ["--model", str(directory), *flags])
+    lean = stored_weights.load(options.model, VARIANTS[variant], options.matformer_slice)
+    assert all(p.is_meta for p in lean.model.parameters())
+    exporter.export_program(VARIANTS[variant], options, tmp_path / "lean.pte", loaded=lean)
+    whole = checkpoint.load(options.model, VARIANTS[variant], cut=options.matformer_slice)
+    exporter.export_program(VARIANTS[variant], options, tmp_path / "whole.pte", loaded=whole)
+    assert (tmp_path / "lean.pte").read_bytes() == (tmp_path / "whole.pte").read_bytes()
