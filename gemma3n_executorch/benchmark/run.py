@@ -4,6 +4,7 @@ configuration exported and measured in child processes, and the report."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 import tempfile
@@ -91,7 +92,8 @@ def program_options(args, name: str):
     return options
 
 
-def run_all(args) -> list[dict]:
+def run_all(args, finished) -> list[dict]:
+    """Every config's record; ``finished(records)`` after each one."""
     records, logits = [], {}
     if args.work_dir:
         Path(args.work_dir).mkdir(parents=True, exist_ok=True)
@@ -127,10 +129,12 @@ def run_all(args) -> list[dict]:
                     logits[name] = saved
                     if args.memory_probe:
                         record["memory"] = memory_probes(args, output, options.context_len, Path(work) / name)
-                record["options"] = {k: v for k, v in vars(options).items() if k not in ("model", "mode")}
+                record["options"] = {k: dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v  # a slice
+                                     for k, v in vars(options).items() if k not in ("model", "mode")}
                 if not args.keep_programs:
                     output.unlink()
             records.append(dict(config=name, **record))
+            finished(records)
             if not args.export_only:
                 log(f"   {summary_line(records[-1])}")
         if args.fp32_fits and logits and args.logit_error:
@@ -237,15 +241,24 @@ def main(argv: list[str] | None = None) -> int:
     began = time.perf_counter()
     bandwidth = read_bandwidth_bytes_s()
     log(f"memory read bandwidth: {bandwidth / 1e9:.1f} GB/s")
-    records = run_all(args)
-    report = {"variant": args.variant, "model": args.model, "layers": args.layers, "prompt_len": args.prompt_len,
-              "new_tokens": args.new_tokens, "long_prompt": args.long_prompt, "depths": args.depths,
-              "memory_probe": args.memory_probe and memory_environment(args),
-              "read_bandwidth_bytes_s": bandwidth, "machine": machine(), "commit": source_commit(), "seconds": time.perf_counter() - began,
-              "records": records}
+    commit = source_commit()  # of the code the run starts with: the children import it as they start
+
+    def report(records: list[dict], complete: bool) -> dict:
+        return {"variant": args.variant, "model": args.model, "layers": args.layers, "prompt_len": args.prompt_len,
+                "new_tokens": args.new_tokens, "long_prompt": args.long_prompt, "depths": args.depths,
+                "memory_probe": args.memory_probe and memory_environment(args),
+                "read_bandwidth_bytes_s": bandwidth, "machine": machine(), "commit": commit,
+                "seconds": time.perf_counter() - began, "complete": complete, "records": records}
+
+    def write(records: list[dict], complete: bool = False) -> None:
+        """Also after each config: a long run cut short (a session's end) keeps what it measured."""
+        if args.json:
+            args.json.write_text(json.dumps(report(records, complete), indent=1))
+
+    records = run_all(args, write)
     if args.json:
-        args.json.write_text(json.dumps(report, indent=1))
+        write(records, complete=True)
         log(f"wrote {args.json}")
     else:
-        print(json.dumps(report, indent=1))
+        print(json.dumps(report(records, True), indent=1))
     return 0
