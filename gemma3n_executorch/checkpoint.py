@@ -69,21 +69,31 @@ def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
     0.125, final norm 4x (logits of std about 4, so fp32 rounding stays far below 1e-4). Tiny E2B
     then greedily decodes about 40 distinct tokens in 64.
     """
+    with torch.no_grad():
+        for name, start, value in random_blocks(model, seed):
+            model.get_parameter(name)[start:start + len(value)].copy_(value)
+
+
+def random_blocks(model: torch.nn.Module, seed: int = 0):
+    """randomize_'s values, parameter by parameter (as named_parameters lists them) in blocks of
+    rows: (name, first row, values in the parameter's dtype). The model may be on the meta device:
+    a checkpoint of them can be written without the model ever being in memory."""
     generator = torch.Generator().manual_seed(seed)
     embeddings = {id(m.weight) for m in model.modules() if isinstance(m, torch.nn.Embedding)}
-    with torch.no_grad():
-        for parameter in model.parameters():
-            # Row blocks, so the real per-layer table (2 B values) never has an fp32 twin in memory.
-            for block in parameter.split(max(1, RANDOM_BLOCK_VALUES // max(1, parameter[0].numel()))):
-                noise = torch.randn(block.shape, generator=generator, dtype=torch.float32)
-                if id(parameter) in embeddings:
-                    value = noise * 0.125
-                elif parameter.dim() >= 2:
-                    value = noise * 0.5 * parameter.shape[-1] ** -0.5
-                else:
-                    value = 1.0 + 0.1 * noise
-                block.copy_(value.to(parameter.dtype))
-        model.model.norm.weight.mul_(4.0)
+    for name, parameter in model.named_parameters():
+        # Row blocks, so the real per-layer table (2 B values) never has an fp32 twin in memory.
+        rows = max(1, RANDOM_BLOCK_VALUES // max(1, parameter[0].numel()))
+        for start in range(0, len(parameter), rows):
+            noise = torch.randn((min(rows, len(parameter) - start), *parameter.shape[1:]), generator=generator,
+                                dtype=torch.float32)
+            if id(parameter) in embeddings:
+                value = noise * 0.125
+            elif parameter.dim() >= 2:
+                value = noise * 0.5 * parameter.shape[-1] ** -0.5
+            else:
+                value = 1.0 + 0.1 * noise
+            value = value.to(parameter.dtype)
+            yield name, start, value * 4.0 if name == "model.norm.weight" else value
 
 
 def constructed_buffers(config: Gemma3nTextConfig, dtype: torch.dtype) -> dict[str, torch.Tensor]:

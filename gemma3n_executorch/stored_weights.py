@@ -219,3 +219,33 @@ def load(model: str, variant: Variant, cut: Slice | None = None) -> LoadedModel:
         text = meta_model(Gemma3nTextConfig.from_dict(slicing.sliced_config(full_config.to_dict(), cut)), dtype)
     del full
     return LoadedModel(text, model, directory, StoredWeights(text, stored, dtype, full_config, cut))
+
+
+def write_random(directory: Path, config: dict, dtype: torch.dtype = checkpoint.STORED_DTYPE, seed: int = 0) -> Path:
+    """A text-only checkpoint of ``config`` holding checkpoint.randomize_'s weights, written one
+    row block at a time: a real-size checkpoint (E4B: 13.6 GB) without the model in memory, for
+    measuring an export from files as a user runs it."""
+    from transformers import Gemma3nTextConfig
+
+    text_config = Gemma3nTextConfig(**config)
+    model = meta_model(text_config, dtype)
+    names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
+    header, offsets, end = {"__metadata__": {"format": "pt"}}, {}, 0
+    for name, parameter in model.named_parameters():  # lm_head is tied: stored once, as published
+        size = parameter.numel() * parameter.element_size()
+        header[name] = {"dtype": names[parameter.dtype], "shape": list(parameter.shape), "data_offsets": [end, end + size]}
+        offsets[name], end = end, end + size
+    encoded = json.dumps(header, separators=(",", ":")).encode()
+    encoded += b" " * (-len(encoded) % 8)  # safetensors aligns the data to 8 bytes
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / "config.json").write_text(json.dumps(dict(text_config.to_dict(), model_type="gemma3n_text",
+                                                          dtype=str(dtype).removeprefix("torch.")), indent=1))
+    path = directory / "model.safetensors"
+    with path.open("wb") as file:
+        file.write(struct.pack("<Q", len(encoded)) + encoded)
+        data = file.tell()
+        for name, start, value in checkpoint.random_blocks(model, seed):
+            row_bytes = value[0].numel() * value.element_size()
+            file.seek(data + offsets[name] + start * row_bytes)
+            file.write(value.contiguous().view(-1).view(torch.uint8).numpy())
+    return path

@@ -179,3 +179,19 @@ def test_export_reading_each_weight_as_it_quantizes_writes_the_same_program(tmp_
     whole = checkpoint.load(options.model, VARIANTS[variant], cut=options.matformer_slice)
     exporter.export_program(VARIANTS[variant], options, tmp_path / "whole.pte", loaded=whole)
     assert (tmp_path / "lean.pte").read_bytes() == (tmp_path / "whole.pte").read_bytes()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_random_checkpoint_written_block_by_block_is_the_random_model(tmp_path, tiny_models, dtype):
+    """tools/write_random_checkpoint.py writes bench.py's random weights without the model in
+    memory (full-depth E4B: 13.6 GB), to measure exports from files; Hugging Face must load from
+    it the model build_tiny / build_random make, tensor for tensor."""
+    variant = VARIANTS["e4b"]
+    stored_weights.write_random(tmp_path / "checkpoint", variant.tiny_config, dtype)
+    loaded = checkpoint.load(str(tmp_path / "checkpoint"), variant).model
+    reference = checkpoint.build_tiny(variant, dtype)
+    assert next(loaded.parameters()).dtype == dtype
+    expected = dict(reference.named_parameters())
+    assert expected.keys() == dict(loaded.named_parameters()).keys()
+    for name, parameter in loaded.named_parameters():
+        assert torch.equal(parameter, expected[name]), name
