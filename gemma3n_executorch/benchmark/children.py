@@ -94,16 +94,30 @@ def children_peak_rss_bytes() -> int:
 
 
 def child_export(args) -> dict:
-    from .. import checkpoint, exporter, slicing
+    """A random model is written as a checkpoint first and exported from the files, as a user's
+    checkpoint is (the weights read as they are quantized, a slice cut as read): the export's
+    peak memory is then a user's, not that of a model built whole in memory."""
+    from .. import checkpoint, exporter, slicing, stored_weights
 
     options = parse_config(args.config, args.model, args.max_seq_length, args.max_context_length)
-    model = build_model(args, None)
-    source = args.model if args.model in BUILT_IN_MODELS else f"random {args.variant} ({model.config.num_hidden_layers} layers)"
-    loaded = checkpoint.LoadedModel(model, source, None)
-    del model
-    if options.matformer_slice is not None:
-        slicing.apply(loaded, options.matformer_slice)
-    summary = exporter.export_program(VARIANTS[args.variant], options, Path(args.output), loaded=loaded)
+    variant = VARIANTS[args.variant]
+    if args.model in BUILT_IN_MODELS:
+        loaded = checkpoint.LoadedModel(build_model(args, None), args.model, None)
+        if options.matformer_slice is not None:
+            slicing.apply(loaded, options.matformer_slice)
+    else:
+        files = Path(args.output).with_suffix(".checkpoint")
+        config = model_config(args)
+        config.pop("model_type", None), config.pop("torch_dtype", None)
+        stored_weights.write_random(files, config)
+        loaded = stored_weights.load(str(files), variant, options.matformer_slice)
+        # As a model built in memory is labelled (and given the tiny tokenizer: the random weights speak no language).
+        loaded.source, loaded.directory = f"random {args.variant} ({config['num_hidden_layers']} layers)", None
+    try:
+        summary = exporter.export_program(variant, options, Path(args.output), loaded=loaded)
+    finally:
+        if args.model not in BUILT_IN_MODELS:
+            shutil.rmtree(files, ignore_errors=True)
     return {"pte_bytes": summary["bytes"], "export_s": summary["total_seconds"],
             "export_peak_rss_bytes": summary["peak_rss_bytes"], "parameters": summary["parameters"],
             "kv_cache_bytes": summary["kv_cache_bytes"], "planned_bytes": summary["planned_bytes"],
