@@ -37,15 +37,18 @@ PROGRAMS = {
 
 def child(variant_name: str, quantize: str, output: str, layers: str) -> None:
     """Export one program; print its summary as JSON on the last line."""
-    from gemma3n_executorch import checkpoint, exporter
+    from gemma3n_executorch import exporter, stored_weights
     from gemma3n_executorch.options import DEFAULT_GROUP_SIZE, FIXED, resolve
     from gemma3n_executorch.variants import VARIANTS
 
     variant = VARIANTS[variant_name]
     options = resolve(FIXED, dtype=None, quantize=quantize, embeddings=None, backend=None,
                       group_size=DEFAULT_GROUP_SIZE, model=f"random {variant_name}", seq_len=None)
-    loaded = checkpoint.LoadedModel(checkpoint.build_random(variant, int(layers) or None), f"random {variant_name}", None)
-    summary = exporter.export_program(variant, options, Path(output), loaded=loaded)
+    # From files, as a user's checkpoint: the export reads each weight as it quantizes or casts it.
+    with stored_weights.random_model_from_files(Path(output).with_suffix(".checkpoint"), variant,
+                                                variant.real_text_config(int(layers) or None), None,
+                                                f"random {variant_name}") as loaded:
+        summary = exporter.export_program(variant, options, Path(output), loaded=loaded)
     print(json.dumps({"pte_bytes": summary["bytes"], "export_s": summary["total_seconds"],
                       "export_peak_rss_bytes": summary["peak_rss_bytes"], "export_stages_s": summary["seconds"]}))
 

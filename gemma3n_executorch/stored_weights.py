@@ -17,9 +17,11 @@ exists either. The result is the same program, byte for byte, as Hugging Face's 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
+import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -249,3 +251,19 @@ def write_random(directory: Path, config: dict, dtype: torch.dtype = checkpoint.
             file.seek(data + offsets[name] + start * row_bytes)
             file.write(value.contiguous().view(-1).view(torch.uint8).numpy())
     return path
+
+
+@contextlib.contextmanager
+def random_model_from_files(directory: Path, variant: Variant, config: dict, cut: Slice | None, label: str):
+    """The random model of ``config`` as an export from a user's checkpoint gets it: written to
+    ``directory`` (removed afterwards), then loaded from there to be read as it is quantized, so
+    that what an export of it costs is what a user's costs. Labelled ``label`` in the program, with
+    no tokenizer directory (random weights speak no language: the exporter writes the tiny one)."""
+    config = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype")}
+    try:
+        write_random(directory, config)
+        loaded = load(str(directory), variant, cut)
+        loaded.source, loaded.directory = label, None
+        yield loaded
+    finally:
+        shutil.rmtree(directory, ignore_errors=True)

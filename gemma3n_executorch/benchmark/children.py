@@ -105,19 +105,13 @@ def child_export(args) -> dict:
         loaded = checkpoint.LoadedModel(build_model(args, None), args.model, None)
         if options.matformer_slice is not None:
             slicing.apply(loaded, options.matformer_slice)
-    else:
-        files = Path(args.output).with_suffix(".checkpoint")
-        config = model_config(args)
-        config.pop("model_type", None), config.pop("torch_dtype", None)
-        stored_weights.write_random(files, config)
-        loaded = stored_weights.load(str(files), variant, options.matformer_slice)
-        # As a model built in memory is labelled (and given the tiny tokenizer: the random weights speak no language).
-        loaded.source, loaded.directory = f"random {args.variant} ({config['num_hidden_layers']} layers)", None
-    try:
         summary = exporter.export_program(variant, options, Path(args.output), loaded=loaded)
-    finally:
-        if args.model not in BUILT_IN_MODELS:
-            shutil.rmtree(files, ignore_errors=True)
+    else:
+        config = model_config(args)
+        with stored_weights.random_model_from_files(Path(args.output).with_suffix(".checkpoint"), variant, config,
+                                                    options.matformer_slice,
+                                                    f"random {args.variant} ({config['num_hidden_layers']} layers)") as loaded:
+            summary = exporter.export_program(variant, options, Path(args.output), loaded=loaded)
     return {"pte_bytes": summary["bytes"], "export_s": summary["total_seconds"],
             "export_peak_rss_bytes": summary["peak_rss_bytes"], "parameters": summary["parameters"],
             "kv_cache_bytes": summary["kv_cache_bytes"], "planned_bytes": summary["planned_bytes"],
