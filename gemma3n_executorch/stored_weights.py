@@ -145,8 +145,8 @@ class StoredWeights:
         self.ffn = list(model.config.intermediate_size) if cut is not None else None
         self.per_layer = model.config.hidden_size_per_layer_input
         self.sliced = cut is not None
-        # By identity: lm_head.weight is embed_tokens.weight until one of them is replaced.
-        self.names = {id(p): self.full_name(name) for name, p in model.named_parameters(remove_duplicate=False)}
+        # By identity: lm_head.weight is embed_tokens.weight (named so, first) until one of them is replaced.
+        self.names = {id(p): self.full_name(name) for name, p in model.named_parameters()}
 
     def full_name(self, name: str) -> str:
         match = slicing.LAYER_KEY.fullmatch(name)
@@ -159,8 +159,6 @@ class StoredWeights:
         """The parameter's value (rows ``start:stop`` if given: only for tensors a slice cuts by
         columns or not at all, the tables read in row blocks)."""
         name = self.names[id(parameter)]
-        if name == "lm_head.weight":
-            name = "model.embed_tokens.weight"
         tensor = read_rows(self.stored[name], start, stop)
         if self.sliced:
             if start is not None and name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "per_layer_model_projection.weight")):
