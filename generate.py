@@ -81,14 +81,13 @@ def run(args) -> int:
     from gemma3n_executorch.chat import ChatFormat
     from gemma3n_executorch.exporter import chat_template_path_for, tokenizer_path_for
     from gemma3n_executorch.generation import ChatSession, Generator, Sampling, load_tokenizer
-    from gemma3n_executorch.runtime import Program, leave_the_cores_to_programs
+    from gemma3n_executorch.runtime import Program
 
     tokenizer = load_tokenizer(args.tokenizer or tokenizer_path_for(args.program))
     # The checkpoint's own template, exported beside the program when it shipped one; else Gemma's rules.
     template = chat_template_path_for(args.program)
     chat_format = None if args.no_chat_template else ChatFormat(template.read_text() if template.is_file() else None)
     program = Program(args.program)
-    leave_the_cores_to_programs()
     sampling = Sampling(args.temperature, args.top_k, args.top_p, args.seed)
     session = ChatSession(Generator(program, tokenizer, sampling), chat_format, args.system)
     if args.prompt is None:

@@ -4,7 +4,7 @@ by shared object and by symbol, per token. Behind "Where decode time goes at dep
 docs/benchmarks.md:
 
     python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --seconds 30 --perf-dir /tmp/prof
-    python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --torch-threads 2   (timed only)
+    python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --torch-threads 1   (timed only)
 
 A call's cost does not depend on what the cache holds (every kernel reads the positions up to the
 token's own, whatever their values), so each depth is reached by setting the position, without
@@ -81,15 +81,14 @@ def main() -> None:
     parser.add_argument("--frequency", type=int, default=999, help="perf samples a second, per thread")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--torch-threads", type=int,
-                        help="torch's own threads beside the program (default: what generate.py and bench.py "
-                             "set, runtime.leave_the_cores_to_programs)")
+                        help="torch's own threads beside the program (default: torch's, as generate.py and "
+                             "bench.py leave them)")
     args = parser.parse_args()
     import torch
 
-    from gemma3n_executorch.runtime import Program, leave_the_cores_to_programs
+    from gemma3n_executorch.runtime import Program
 
     program = Program(args.program)
-    leave_the_cores_to_programs()
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
     depths = [int(d) for d in args.depths.split(",")]

@@ -31,15 +31,6 @@ OUT_OF_MEMORY = re.compile(r"xnn_status_out_of_memory|Failed to map|MemoryAlloca
 LOG_LINE_PREFIX = re.compile(r"^\[[\w.]+:\d+\] ")
 
 
-def leave_the_cores_to_programs() -> None:
-    """For a process whose work is running programs: torch does only glue beside them (the
-    bindings copy each call's logits, an argmax), and every one of its parallel operations leaves
-    an OpenMP worker spinning for milliseconds on the cores the program's own thread pool needs:
-    E2B's phone program on 2 cores of an AMD Zen 4, 7.5 ms of CPU a token at depth 128
-    (docs/benchmarks.md, "Where decode time goes at depth")."""
-    torch.set_num_threads(1)
-
-
 class RuntimeLog(io.TextIOBase):
     """What the runtime writes to sys.stderr during a call, shown when the call returns."""
 

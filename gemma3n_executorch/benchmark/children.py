@@ -119,11 +119,10 @@ def child_export(args) -> dict:
 
 
 def child_run_program(args) -> dict:
-    from ..runtime import Program, leave_the_cores_to_programs
+    from ..runtime import Program
 
     began = time.perf_counter()
     program = Program(args.output)
-    leave_the_cores_to_programs()
     load_s = time.perf_counter() - began
     result = timed_generation(program.step, program.reset, lambda row: int(row.argmax()),
                               prompt_tokens(args, program.info.vocab_size), args.new_tokens, args.repeats)
