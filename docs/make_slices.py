@@ -82,7 +82,7 @@ def chart(report: dict, path: Path) -> None:
 
     found = rows(report)
     figure, axes = plt.subplots(1, 2, figsize=(11, 3.6))
-    panels = ((axes[0], "decode", "decode tok/s (higher is faster)"),
+    panels = ((axes[0], "deep_decode", "decode tok/s after the memory probe's prompt (higher is faster)"),
               (axes[1], "peak_gib", "stock runner's resident peak, GiB"))
     for axis, key, label in panels:
         points = [(row[key], row["published"].mmlu_pt, row["key"]) for row in found if row[key] is not None]
@@ -91,8 +91,8 @@ def chart(report: dict, path: Path) -> None:
             axis.annotate(f" {name}", (x, y), fontsize=8)
         axis.set_xlabel(label, fontsize=8)
         axis.set_ylabel("MMLU, pretrained (Google), %", fontsize=8)
-    figure.suptitle(f"E4B slices, phone programs: quality (Google's figure) against speed and memory; "
-                    f"{report['machine']}", fontsize=8)
+    figure.suptitle(f"E4B slices, phone programs: quality (Google's figure) against speed and memory\n"
+                    f"{report['machine']}, commit {report['commit']}", fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
 
