@@ -42,7 +42,7 @@ def wide_vocabulary_export(tmp_path_factory):
     loaded = checkpoint.load(options.model, variant)
     linear = weakref.ref(loaded.model.model.layers[0].mlp.gate_proj)  # its weight is replaced when quantized
     summary = exporter.export_program(variant, options, output, loaded=loaded)
-    return output, summary, loaded.model is not None or linear() is not None
+    return output, summary, loaded.model is not None or linear() is not None, options
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +83,16 @@ def test_an_export_frees_the_model_once_the_delegates_hold_its_weights(wide_voca
     and emission, so that an export never holds the weights twice over (E2B's phone export: 5 GB
     of quantized weights beside the delegates' repacked copy). A reference kept by mistake anywhere
     would keep them all alive without a word."""
-    output, summary, model_alive = wide_vocabulary_export
+    output, summary, model_alive, _ = wide_vocabulary_export
     assert not model_alive
     assert summary["delegation"]["delegated"] > 0 and summary["bytes"] == output.stat().st_size
+
+
+def test_the_phone_program_read_weight_by_weight_from_the_files_is_the_same(wide_vocabulary_export, tmp_path):
+    """The exporter's own loading (stored_weights.py: each weight read from the checkpoint as it is
+    quantized, the tables in row blocks) gives the program Hugging Face's loader gave, byte for byte
+    (the fixed recipe and slices: tests/test_loading.py)."""
+    output, _, _, options = wide_vocabulary_export
+    lean = tmp_path / "lean.pte"
+    exporter.export_program(VARIANTS["e2b"], options, lean)
+    assert lean.read_bytes() == output.read_bytes()
