@@ -70,15 +70,18 @@ def read_header(model: str, path: Path) -> dict[str, StoredTensor]:
         except (UnicodeDecodeError, json.JSONDecodeError):
             raise corrupt("its header is not JSON") from None
     tensors = {}
-    for name, entry in header.items():
-        if name == "__metadata__":
-            continue
-        if entry.get("dtype") not in SAFETENSORS_DTYPES:
-            raise corrupt(f"tensor {name} has dtype {entry.get('dtype')!r}")
-        begin, end = entry["data_offsets"]
-        if 8 + length + end > size:
-            raise corrupt("shorter than its header says")
-        tensors[name] = StoredTensor(path, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + length + begin)
+    try:
+        for name, entry in header.items():
+            if name == "__metadata__":
+                continue
+            if entry.get("dtype") not in SAFETENSORS_DTYPES:
+                raise corrupt(f"tensor {name} has dtype {entry.get('dtype')!r}")
+            begin, end = entry["data_offsets"]
+            if 8 + length + end > size:
+                raise corrupt("shorter than its header says")
+            tensors[name] = StoredTensor(path, SAFETENSORS_DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + length + begin)
+    except (AttributeError, KeyError, TypeError, ValueError):  # an entry that is not {dtype, shape, data_offsets}
+        raise corrupt("its header is not a safetensors header") from None
     return tensors
 
 
@@ -227,7 +230,8 @@ def write_random(directory: Path, config: dict, dtype: torch.dtype = checkpoint.
     measuring an export from files as a user runs it."""
     from transformers import Gemma3nTextConfig
 
-    text_config = Gemma3nTextConfig(**config)
+    # The architecture files' config.json keys that are not the text config's own arguments.
+    text_config = Gemma3nTextConfig(**{k: v for k, v in config.items() if k not in ("model_type", "torch_dtype")})
     model = meta_model(text_config, dtype)
     names = {dtype: name for name, dtype in SAFETENSORS_DTYPES.items()}
     header, offsets, end = {"__metadata__": {"format": "pt"}}, {}, 0
@@ -257,7 +261,6 @@ def random_model_from_files(directory: Path, variant: Variant, config: dict, cut
     ``directory`` (removed afterwards), then loaded from there to be read as it is quantized, so
     that what an export of it costs is what a user's costs. Labelled ``label`` in the program, with
     no tokenizer directory (random weights speak no language: the exporter writes the tiny one)."""
-    config = {k: v for k, v in config.items() if k not in ("model_type", "torch_dtype")}
     try:
         write_random(directory, config)
         loaded = load(str(directory), variant, cut)

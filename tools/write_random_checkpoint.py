@@ -26,13 +26,15 @@ def main() -> int:
     parser.add_argument("--layers", type=int, help="cut the architecture to N layers (default: full depth)")
     parser.add_argument("directory", type=Path)
     args = parser.parse_args()
+    try:
+        config = VARIANTS[args.variant].real_text_config(args.layers)
+    except ValueError as error:
+        parser.error(str(error))
 
     def write() -> int:
         from gemma3n_executorch import stored_weights
 
         began = time.perf_counter()
-        config = VARIANTS[args.variant].real_text_config(args.layers)
-        config.pop("model_type", None), config.pop("torch_dtype", None)
         path = stored_weights.write_random(args.directory, config)
         log(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - began:.0f} s; "
             f"peak memory {gib(peak_rss_bytes())}")
