@@ -7,6 +7,7 @@ before torch, transformers and executorch are imported, so bad input fails at on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import os
 from pathlib import Path
@@ -105,12 +106,17 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
     initialized_buffers = module.initialized_buffers
     del module
     loaded.model = None  # the exported program holds the weights now; the delegates will hold them next
-    with timer.stage("lower"), lowering_shortcuts.enabled():
+    # Weights this export read from files are held by nothing else: each is freed once serialized.
+    releasing = lowering_shortcuts.releasing(exported) if loaded.weights is not None else contextlib.nullcontext()
+    with timer.stage("lower"), lowering_shortcuts.enabled() as shortcuts, releasing:
         edge, delegation = lowering.delegate(exported, options.backend, info.constant_methods(), verbose)
         del exported
         release_freed_memory()  # what the delegates took (the quantized weights: E2B's 5 GB) is free now
         program = lowering.emit(edge, options.embeddings != "none", initialized_buffers)
         del edge
+        released = shortcuts["weight bytes released"]
+    if released:
+        log(f"  {human_bytes(released)} of weights freed as soon as the program held them")
     with timer.stage("serialize"):
         tokenizer, template = companion_files(loaded)
         lowering.write_together({
@@ -126,7 +132,7 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
         "kv_cache_bytes": kv_cache_bytes, "planned_bytes": lowering.planned_bytes(program),
         "delegation": {k: v for k, v in delegation.items() if k != "table"},
         "tokenizer": str(tokenizer_path_for(output)) if tokenizer is not None else None, "peak_rss_bytes": peak_rss_bytes(),
-        "seconds": dict(timer.seconds), "total_seconds": timer.total,
+        "seconds": dict(timer.seconds), "total_seconds": timer.total, "released_bytes": released,
     }
 
 

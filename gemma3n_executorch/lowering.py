@@ -123,12 +123,8 @@ def lower(program: torch.export.ExportedProgram, backend: str, constant_methods:
     """Edge dialect + backend delegation + ExecuTorch memory planning; returns the program and
     the delegation report: ``delegate`` then ``emit``, with the lowering shortcuts."""
     with lowering_shortcuts.enabled():
-        return _lower(program, backend, constant_methods, quantized_embeddings, verbose, initialized_buffers)
-
-
-def _lower(program, backend, constant_methods, quantized_embeddings, verbose, initialized_buffers):
-    edge, report = delegate(program, backend, constant_methods, verbose)
-    return emit(edge, quantized_embeddings, initialized_buffers), report
+        edge, report = delegate(program, backend, constant_methods, verbose)
+        return emit(edge, quantized_embeddings, initialized_buffers), report
 
 
 def delegate(program, backend: str, constant_methods: dict, verbose: bool = False):

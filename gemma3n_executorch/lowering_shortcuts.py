@@ -16,19 +16,33 @@ runs all 17 of its passes on each of the 74 subgraphs.
 * Six of XNNPACK's passes only rewrite operators a decoder has none of (convolutions, batch norm,
   bilinear upsampling, constant padding, PReLU); they are left out for a graph without those
   operators, with the same result and one re-trace fewer each (8%).
+
+And one through its memory: ``to_backend`` deep-copies every partition's program before handing it
+to the backend ("in case backends change graph inside preprocess"), all of them at once, weights
+included, so the quantized linears were held twice while XNNPACK serialized them a third time. The
+copies share their weights with the originals now (the graphs are still copied): XNNPACK reads the
+weights and never writes them (the tests check both the program bytes and the weights). And when
+the caller gives the program's weights up (``releasing``), each weight is freed as soon as its
+serialized form exists (XNNPACK's for a delegated weight, the emitter's bytes for the others), so
+the lowering never holds the weights in both forms at once: the peak had been about twice the
+weights (a program's file size, for the portable recipes).
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import types
 import warnings
+from collections import Counter
 
 import torch
 
 TORCHAO_QUANT_OPS = ("choose_qparams_affine", "quantize_affine", "dequantize_affine")
 
 _library = None  # the overriding registrations last as long as this Library object
-_state = {"lowering": 0, "passes": 0, "shapes": None, "counts": None}
+_state = {"lowering": 0, "passes": 0, "shapes": None, "counts": None, "releasable": set(),
+          "partition uses": Counter()}
 
 
 def _shortcut_kernel(body):
@@ -78,6 +92,68 @@ def _skippable_passes() -> dict:
     }
 
 
+def _deepcopy_sharing_weights(value, memo=None):
+    """copy.deepcopy, except that while lowering an exported program's copy shares its weights."""
+    from torch.export import ExportedProgram
+
+    if _state["lowering"] and isinstance(value, ExportedProgram):
+        memo = {} if memo is None else memo
+        for tensor in (*value.state_dict.values(), *value.constants.values()):
+            if isinstance(tensor, torch.Tensor):
+                memo[id(tensor)] = tensor
+        _state["counts"]["partition copies sharing weights"] += 1
+    return copy.deepcopy(value, memo)
+
+
+def _program_weights(program, names=None) -> list[torch.Tensor]:
+    """The plain tensors that hold an exported program's parameters and constants (torchao's
+    quantized tensors are taken apart into theirs), not its buffers: the KV caches must survive.
+    ``names``: only those of these placeholders."""
+    from torch.export.graph_signature import InputKind
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    def plain(tensor):
+        if not is_traceable_wrapper_subclass(tensor):
+            return [tensor]
+        return [part for name in tensor.__tensor_flatten__()[0] for part in plain(getattr(tensor, name))]
+
+    tables = {InputKind.PARAMETER: program.state_dict, InputKind.CONSTANT_TENSOR: program.constants}
+    return [part for spec in program.graph_signature.input_specs
+            if spec.kind in tables and (names is None or spec.arg.name in names)
+            and isinstance(tables[spec.kind].get(spec.target), torch.Tensor)
+            for part in plain(tables[spec.kind][spec.target])]
+
+
+def _distinct_storages(tensors) -> dict[int, torch.UntypedStorage]:
+    return {tensor.untyped_storage().data_ptr(): tensor.untyped_storage() for tensor in tensors}
+
+
+@contextlib.contextmanager
+def releasing(program):
+    """While lowering ``program`` (inside ``enabled()``), free each weight once it is serialized
+    where it is used last. Only weights whose memory no other tensor of the program shares (a tied
+    embedding and lm_head stay); the caller must hold no other reference it will read: ``program``
+    and its edge dialect form are unusable afterwards, the lowered program is whole."""
+    holders = Counter(tensor.untyped_storage().data_ptr() for tensor in _program_weights(program))
+    _state["releasable"] = {key for key, count in holders.items() if count == 1 and key}
+    try:
+        yield
+    finally:
+        _state["releasable"] = set()
+
+
+def _used_once_more(uses, storages: dict[int, torch.UntypedStorage]) -> None:
+    """One use of each of ``storages`` is serialized: free those that have no use left."""
+    for key, storage in storages.items():
+        uses[key] -= 1
+        # Each address once: a tensor made later may be given a freed weight's address.
+        if uses[key] <= 0 and key in _state["releasable"]:
+            _state["releasable"].remove(key)
+            if storage.resizable():  # not memory torch borrowed (from numpy, say): that stays
+                _state["counts"]["weight bytes released"] += storage.nbytes()
+                storage.resize_(0)
+
+
 def _install() -> None:
     """Wraps, once per process, what the shortcuts need; every wrapper does exactly what it wraps
     unless ``enabled()`` is in force."""
@@ -120,14 +196,66 @@ def _install() -> None:
         return transform(self)
 
     xnnpack_passes.XNNPACKPassManager.transform = transform_without_idle_passes
+
+    from executorch.exir.backend import backend_api
+
+    backend_api.copy = types.SimpleNamespace(deepcopy=_deepcopy_sharing_weights)
+
+    # Releasing weights: a weight may be used by several partitions (ExecuTorch's duplicated
+    # constants still name the original tensor) or stay outside them, so the uses are counted
+    # once the program is partitioned, and a weight is freed when its last use is serialized.
+    lower_partitions = backend_api.lower_all_submodules_to_backend
+
+    def lower_partitions_counting_uses(backend_id, method_to_submodule_nodes, method_to_tagged_program):
+        if _state["lowering"] and _state["releasable"]:
+            uses = Counter()
+            for method, nodes in method_to_submodule_nodes.items():
+                consumed = set()
+                for node in nodes:
+                    uses.update(_distinct_storages(_program_weights(node.meta["submodule_program"])).keys())
+                    consumed.update(node.meta["toplevel_input_specs_to_delete"])
+                program = method_to_tagged_program[method]
+                outside = {spec.arg.name for spec in program.graph_signature.input_specs} - consumed
+                _state["releasable"].difference_update(_distinct_storages(_program_weights(program, outside)))
+            _state["partition uses"] = uses
+        return lower_partitions(backend_id, method_to_submodule_nodes, method_to_tagged_program)
+
+    backend_api.lower_all_submodules_to_backend = lower_partitions_counting_uses
+
+    from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
+
+    preprocess = XnnpackBackend.preprocess
+
+    def preprocess_then_release(partition, compile_specs):
+        result = preprocess(partition, compile_specs)
+        if _state["lowering"] and _state["releasable"]:
+            _used_once_more(_state["partition uses"], _distinct_storages(_program_weights(partition)))
+        return result
+
+    XnnpackBackend.preprocess = staticmethod(preprocess_then_release)
+
+    from executorch.exir.emit._emitter import _Emitter
+
+    tensor_spec_to_evalue = _Emitter._tensor_spec_to_evalue
+
+    def emit_then_release(self, spec, *args, **kwargs):
+        value = tensor_spec_to_evalue(self, spec, *args, **kwargs)
+        program = getattr(self, "exported_program", None)  # the top level's emitter
+        if _state["lowering"] and _state["releasable"] and spec.const and spec.storage is not None and program:
+            if not hasattr(self, "weight_uses"):
+                self.weight_uses = Counter(tensor.untyped_storage().data_ptr() for tensor in _program_weights(program))
+            key = spec.storage.data_ptr()
+            if key in self.weight_uses:  # not a copy the emitter made
+                _used_once_more(self.weight_uses, {key: spec.storage})  # its bytes are in the program now
+        return value
+
+    _Emitter._tensor_spec_to_evalue = emit_then_release
     _library = library
 
 
 @contextlib.contextmanager
 def enabled():
     """The shortcuts, for one lowering; yields counts of what they did (nested, the outermost's)."""
-    from collections import Counter
-
     _install()
     if not _state["lowering"]:
         _state.update(shapes={}, counts=Counter())

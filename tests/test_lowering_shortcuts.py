@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
 from torch import nn
 
@@ -26,14 +27,19 @@ class Block(nn.Module):
         return hidden + self.down(nn.functional.gelu(self.up(normed), approximate="tanh"))
 
 
-def program_bytes(shortcuts: bool) -> tuple[bytes, dict]:
-    block = Block()
-    quantize.quantize_linears(block, "8da4w", 32, torch.float32)
+def program_bytes(shortcuts: bool, release_weights: bool = False, backend: str = "xnnpack") -> tuple[bytes, dict]:
+    block = Block().requires_grad_(False)  # as the exporter's models are
+    if backend == "xnnpack":  # the portable kernels have no dynamically quantized linears
+        quantize.quantize_linears(block, "8da4w", 32, torch.float32)
     tokens = torch.export.Dim("tokens", min=1, max=16)
     program = lowering.export(block, (torch.randn(1, 4, 64),), ({1: tokens},))
-    lower = lowering.lower if shortcuts else lowering._lower  # _lower: the same stages, no shortcuts
-    with lowering_shortcuts.enabled() if shortcuts else contextlib.nullcontext({}) as counts:
-        lowered, _ = lower(program, "xnnpack", {}, False, False, ())
+    weights = {name: tensor.dequantize() for name, tensor in program.state_dict.items()}  # (8da4w's)
+    releasing = lowering_shortcuts.releasing(program) if release_weights else contextlib.nullcontext()
+    with lowering_shortcuts.enabled() if shortcuts else contextlib.nullcontext({}) as counts, releasing:
+        lowered = lowering.emit(lowering.delegate(program, backend, {})[0])
+    if not release_weights:
+        # The partitions' copies share these tensors with XNNPACK's preprocessing: it must not write them.
+        assert all(torch.equal(program.state_dict[name].dequantize(), tensor) for name, tensor in weights.items())
     return lowered.buffer, dict(counts)
 
 
@@ -41,4 +47,14 @@ def test_shortcuts_leave_the_program_byte_for_byte_the_same():
     plain, _ = program_bytes(shortcuts=False)
     shortcut, counts = program_bytes(shortcuts=True)
     assert counts["shapes reused"] > 0 and counts["passes skipped"] > 0, counts  # taken, not bypassed
+    assert counts["partition copies sharing weights"] > 0, counts
     assert shortcut == plain
+
+
+@pytest.mark.parametrize("backend", ["xnnpack", "portable"])  # freed after XNNPACK's packing / the emitter's copy
+def test_weights_released_as_they_are_serialized_leave_the_program_byte_for_byte_the_same(backend):
+    plain, _ = program_bytes(shortcuts=False, backend=backend)
+    released, counts = program_bytes(shortcuts=True, release_weights=True, backend=backend)
+    # Both linears' weights were freed (8da4w: one byte a 4-bit value, and their scales; fp32: 4 bytes a value).
+    assert counts["weight bytes released"] >= 2 * 64 * 128, counts
+    assert released == plain
