@@ -142,16 +142,19 @@ def releasing(program):
         _state["releasable"] = set()
 
 
+def _free(key: int, storage: torch.UntypedStorage) -> None:
+    _state["releasable"].remove(key)  # each address once: a tensor made later may be given it
+    if storage.resizable():  # not memory torch borrowed (from numpy, say): that stays
+        _state["counts"]["weight bytes released"] += storage.nbytes()
+        storage.resize_(0)
+
+
 def _used_once_more(uses, storages: dict[int, torch.UntypedStorage]) -> None:
     """One use of each of ``storages`` is serialized: free those that have no use left."""
     for key, storage in storages.items():
         uses[key] -= 1
-        # Each address once: a tensor made later may be given a freed weight's address.
         if uses[key] <= 0 and key in _state["releasable"]:
-            _state["releasable"].remove(key)
-            if storage.resizable():  # not memory torch borrowed (from numpy, say): that stays
-                _state["counts"]["weight bytes released"] += storage.nbytes()
-                storage.resize_(0)
+            _free(key, storage)
 
 
 def _install() -> None:
@@ -216,7 +219,7 @@ def _install() -> None:
                     consumed.update(node.meta["toplevel_input_specs_to_delete"])
                 program = method_to_tagged_program[method]
                 outside = {spec.arg.name for spec in program.graph_signature.input_specs} - consumed
-                _state["releasable"].difference_update(_distinct_storages(_program_weights(program, outside)))
+                uses.update(_distinct_storages(_program_weights(program, outside)).keys())  # emitted later
             _state["partition uses"] = uses
         return lower_partitions(backend_id, method_to_submodule_nodes, method_to_tagged_program)
 
@@ -233,6 +236,23 @@ def _install() -> None:
         return result
 
     XnnpackBackend.preprocess = staticmethod(preprocess_then_release)
+
+    from executorch.exir.program import _program
+
+    fuse_and_fold = _program.quant_fusion_and_const_prop_pass
+
+    def fuse_and_fold_then_release(program):
+        before = _distinct_storages(_program_weights(program)) if _state["lowering"] and _state["releasable"] else {}
+        folded = fuse_and_fold(program)
+        if before:
+            after = _distinct_storages(_program_weights(folded))
+            for key in before.keys() - after.keys():  # folded into new constants (the packed tables)
+                if key in _state["releasable"]:
+                    _free(key, before[key])
+            _state["releasable"].update(after.keys() - before.keys() - {0})  # those, the folded program's alone
+        return folded
+
+    _program.quant_fusion_and_const_prop_pass = fuse_and_fold_then_release
 
     from executorch.exir.emit._emitter import _Emitter
 
