@@ -230,9 +230,11 @@ def _install() -> None:
     preprocess = XnnpackBackend.preprocess
 
     def preprocess_then_release(partition, compile_specs):
+        # Taken before: XNNPACK's passes edit the partition's state_dict in place (it shares the dict),
+        # and a weight they replaced would be missed afterwards, held to the end of the lowering.
+        weights = _distinct_storages(_program_weights(partition)) if _state["lowering"] and _state["releasable"] else {}
         result = preprocess(partition, compile_specs)
-        if _state["lowering"] and _state["releasable"]:
-            _used_once_more(_state["partition uses"], _distinct_storages(_program_weights(partition)))
+        _used_once_more(_state["partition uses"], weights)
         return result
 
     XnnpackBackend.preprocess = staticmethod(preprocess_then_release)
