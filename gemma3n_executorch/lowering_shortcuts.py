@@ -128,13 +128,18 @@ def _distinct_storages(tensors) -> dict[int, torch.UntypedStorage]:
     return {tensor.untyped_storage().data_ptr(): tensor.untyped_storage() for tensor in tensors}
 
 
+def _storage_uses(program) -> Counter:
+    """How many of the program's weight tensors use each storage, by address."""
+    return Counter(tensor.untyped_storage().data_ptr() for tensor in _program_weights(program))
+
+
 @contextlib.contextmanager
 def releasing(program):
     """While lowering ``program`` (inside ``enabled()``), free each weight once it is serialized
     where it is used last. Only weights whose memory no other tensor of the program shares (a tied
     embedding and lm_head stay); the caller must hold no other reference it will read: ``program``
     and its edge dialect form are unusable afterwards, the lowered program is whole."""
-    holders = Counter(tensor.untyped_storage().data_ptr() for tensor in _program_weights(program))
+    holders = _storage_uses(program)
     _state["releasable"] = {key for key, count in holders.items() if count == 1 and key}
     try:
         yield
@@ -265,7 +270,7 @@ def _install() -> None:
         program = getattr(self, "exported_program", None)  # the top level's emitter
         if _state["lowering"] and _state["releasable"] and spec.const and spec.storage is not None and program:
             if not hasattr(self, "weight_uses"):
-                self.weight_uses = Counter(tensor.untyped_storage().data_ptr() for tensor in _program_weights(program))
+                self.weight_uses = _storage_uses(program)
             key = spec.storage.data_ptr()
             if key in self.weight_uses:  # not a copy the emitter made
                 _used_once_more(self.weight_uses, {key: spec.storage})  # its bytes are in the program now
