@@ -46,6 +46,7 @@ using executorch::runtime::KernelRuntimeContext;
 
 typedef float v8 __attribute__((vector_size(32)));
 typedef float v8u __attribute__((vector_size(32), aligned(4)));  // unaligned loads/stores
+typedef int32_t v8i __attribute__((vector_size(32)));
 
 constexpr int kTile = 64;        // positions per tile (K and V tiles stay in L1/L2)
 constexpr int kRowBlock = 64;    // query rows (token x head) per work item
@@ -54,6 +55,23 @@ constexpr int kTargetItems = 32; // enough work items to balance any thread coun
 
 inline v8 load(const float* p) { return *reinterpret_cast<const v8u*>(p); }
 inline void store(float* p, v8 v) { *reinterpret_cast<v8u*>(p) = v; }
+// 8 int8 values as floats (by intrinsics: GCC's vector conversions widen int8 one lane at a time).
+inline v8 widen(const int8_t* p) {
+#if defined(__AVX2__)
+  return reinterpret_cast<v8>(_mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p)))));
+#elif defined(__aarch64__)
+  const int16x8_t wide = vmovl_s8(vld1_s8(p));
+  const float32x4_t lo = vcvtq_f32_s32(vmovl_s16(vget_low_s16(wide))), hi = vcvtq_f32_s32(vmovl_high_s16(wide));
+  v8 out;
+  std::memcpy(&out, &lo, sizeof(lo));
+  std::memcpy(reinterpret_cast<char*>(&out) + sizeof(lo), &hi, sizeof(hi));
+  return out;
+#else
+  v8 out;
+  for (int k = 0; k < 8; ++k) out[k] = static_cast<float>(p[k]);
+  return out;
+#endif
+}
 inline float hsum(v8 v) {
   return ((v[0] + v[4]) + (v[1] + v[5])) + ((v[2] + v[6]) + (v[3] + v[7]));
 }
@@ -78,8 +96,6 @@ inline float fast_exp(float x) {
   std::memcpy(&scale, &bits, sizeof(scale));
   return p * scale;
 }
-
-typedef int32_t v8i __attribute__((vector_size(32)));
 
 // fast_exp on 8 lanes at once (the softmax's exps were scalar: the loop's sum is a reduction, which
 // GCC keeps in order without -ffast-math).
@@ -158,10 +174,6 @@ inline void convert_row(const uint16_t* src, float* dst, int64_t D) {
     vst1q_f32(dst + d, vcvt_f32_f16(vreinterpret_f16_u16(vld1_u16(src + d))));
 #endif
   for (; d < D; ++d) dst[d] = half_to_float(src[d]);
-}
-
-inline void convert_row(const int8_t* src, float* dst, int64_t D) {
-  for (int64_t d = 0; d < D; ++d) dst[d] = static_cast<float>(src[d]);  // vectorized by GCC -O3
 }
 
 // Int8 caches: the query is quantized per row (symmetric, max |q| / 127; ExecuTorch's own int8
@@ -262,6 +274,52 @@ inline void prefetch_tile(const char* k, const char* v, int64_t g, int64_t KV, i
   }
 }
 
+inline v8 values8(const float* p) { return load(p); }
+inline v8 values8(const int8_t* p) { return widen(p); }
+
+// acc_i = acc_i * alpha_i + sum_j S[i][j] v_j over a tile's nt value rows, float or int8 (each int8
+// row widened in registers once for 4 query rows: no float copy of the tile).
+template <typename T>
+void accumulate_values(float* acc, const float* S, const float* alpha, const T* const* vrow, int64_t nrows,
+                       int64_t nt, int64_t D) {
+  int64_t i = 0;
+  for (; i + 4 <= nrows; i += 4) {
+    float* a = acc + i * D;
+    const float* Si = S + i * kTile;
+    const float al0 = alpha[i], al1 = alpha[i + 1], al2 = alpha[i + 2], al3 = alpha[i + 3];
+    for (int64_t d = 0; d < D; d += 16) {
+      v8 a00 = load(a + d) * al0, a01 = load(a + d + 8) * al0;
+      v8 a10 = load(a + D + d) * al1, a11 = load(a + D + d + 8) * al1;
+      v8 a20 = load(a + 2 * D + d) * al2, a21 = load(a + 2 * D + d + 8) * al2;
+      v8 a30 = load(a + 3 * D + d) * al3, a31 = load(a + 3 * D + d + 8) * al3;
+      for (int64_t j = 0; j < nt; ++j) {
+        const v8 x0 = values8(vrow[j] + d), x1 = values8(vrow[j] + d + 8);
+        float w = Si[j];
+        a00 += w * x0; a01 += w * x1;
+        w = Si[kTile + j];
+        a10 += w * x0; a11 += w * x1;
+        w = Si[2 * kTile + j];
+        a20 += w * x0; a21 += w * x1;
+        w = Si[3 * kTile + j];
+        a30 += w * x0; a31 += w * x1;
+      }
+      store(a + d, a00); store(a + d + 8, a01);
+      store(a + D + d, a10); store(a + D + d + 8, a11);
+      store(a + 2 * D + d, a20); store(a + 2 * D + d + 8, a21);
+      store(a + 3 * D + d, a30); store(a + 3 * D + d + 8, a31);
+    }
+  }
+  for (; i < nrows; ++i) {
+    float* a = acc + i * D;
+    const float* Si = S + i * kTile;
+    for (int64_t d = 0; d < D; d += 8) {
+      v8 x = load(a + d) * alpha[i];
+      for (int64_t j = 0; j < nt; ++j) x += Si[j] * values8(vrow[j] + d);
+      store(a + d, x);
+    }
+  }
+}
+
 struct Scratch {
   std::vector<float> q, kbuf, vbuf, scores;
   std::vector<int8_t> q8;
@@ -293,7 +351,7 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
   s.q8.resize(F == Format::I8 ? kRowBlock * D : 0);
   s.scores.resize(kRowBlock * kTile);
   if (F == Format::F16) s.kbuf.resize(kTile * D);
-  if (F != Format::F32) s.vbuf.resize(kTile * D);
+  if (F == Format::F16) s.vbuf.resize(kTile * D);
   float* q = s.q.data();
   int8_t* q8 = s.q8.data();
   float* S = s.scores.data();
@@ -318,6 +376,7 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
   const float* krow[kTile];
   const float* vrow[kTile];
   const int8_t* krow8[kTile];
+  const int8_t* vrow8[kTile];
   float kscale[kTile] = {}, kzero[kTile] = {}, vscale[kTile] = {}, vzero[kTile] = {};
   const int64_t element = F == Format::F32 ? 4 : F == Format::F16 ? 2 : 1;
   const char* kbase = static_cast<const char*>(P.k);
@@ -326,14 +385,14 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kTile) {
     const int64_t nt = std::min<int64_t>(kTile, p_end - p0);
     // The next tile's rows travel while this one is computed: K and V rows of one head are D
-    // elements every KV * D, which the hardware prefetchers follow poorly. Where rows are converted
-    // below, one row is prefetched per row converted: a whole tile's prefetches at once overflow
-    // the line fill buffers and stall the conversion (int8 decode at depth 32000: 1.8x faster).
-    // fp32 rows are read in place, and there the burst measured faster (chunks 1.2x).
+    // elements every KV * D, which the hardware prefetchers follow poorly. fp16 and int8 prefetch
+    // one row per row converted or scored: a whole tile's prefetches at once overflow the line fill
+    // buffers and stall the loop (int8 decode at depth 32000: 1.8x faster). fp32 rows are read in
+    // place, and there the burst measured faster (chunks 1.2x).
     const int64_t next_end = std::min<int64_t>(p_end, p0 + nt + kTile);
     if (F == Format::F32) prefetch_tile(kbase, vbase, g, KV, P.slots, D * element, p0 + nt, next_end);
     for (int64_t j = 0; j < nt; ++j) {
-      if (F != Format::F32 && p0 + nt + j < next_end)
+      if (F == Format::F16 && p0 + nt + j < next_end)
         prefetch_tile(kbase, vbase, g, KV, P.slots, D * element, p0 + nt + j, p0 + nt + j + 1);
       const int64_t at = ((p0 + j) % P.slots) * KV + g;
       if (F == Format::F32) {
@@ -347,11 +406,9 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
         krow[j] = kd;
         vrow[j] = vd;
       } else {
-        // Keys stay int8 (integer dot products); values are widened once for all the rows.
+        // Keys stay int8 (integer dot products); values are widened in registers as they are summed.
         krow8[j] = static_cast<const int8_t*>(P.k) + at * D;
-        float* vd = s.vbuf.data() + j * D;
-        convert_row(static_cast<const int8_t*>(P.v) + at * D, vd, D);
-        vrow[j] = vd;
+        vrow8[j] = static_cast<const int8_t*>(P.v) + at * D;
         kscale[j] = P.k_scales[at];
         kzero[j] = P.k_zero_points[at];
         vscale[j] = P.v_scales[at];
@@ -364,6 +421,8 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
       int32_t o[4];
       for (; i + 4 <= nrows; i += 4)
         for (int64_t j = 0; j < nt; ++j) {
+          if (i == 0 && p0 + nt + j < next_end)  // one next-tile row per key row scored
+            prefetch_tile(kbase, vbase, g, KV, P.slots, D, p0 + nt + j, p0 + nt + j + 1);
           dot_i8_4x1(q8 + i * D, D, qsum8 + i, krow8[j], o);
           for (int r = 0; r < 4; ++r) S[(i + r) * kTile + j] = static_cast<float>(o[r]);
         }
@@ -421,41 +480,10 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
       if (F == Format::I8) corr[i] = corr[i] * alpha[i] + hsum(c8);
     }
 
-    // acc_i = acc_i * alpha_i + sum_j S[i][j] v_j
-    for (i = 0; i + 4 <= nrows; i += 4) {
-      float* a = acc + i * D;
-      const float* Si = S + i * kTile;
-      const float al0 = alpha[i], al1 = alpha[i + 1], al2 = alpha[i + 2], al3 = alpha[i + 3];
-      for (int64_t d = 0; d < D; d += 16) {
-        v8 a00 = load(a + d) * al0, a01 = load(a + d + 8) * al0;
-        v8 a10 = load(a + D + d) * al1, a11 = load(a + D + d + 8) * al1;
-        v8 a20 = load(a + 2 * D + d) * al2, a21 = load(a + 2 * D + d + 8) * al2;
-        v8 a30 = load(a + 3 * D + d) * al3, a31 = load(a + 3 * D + d + 8) * al3;
-        for (int64_t j = 0; j < nt; ++j) {
-          const v8 x0 = load(vrow[j] + d), x1 = load(vrow[j] + d + 8);
-          float w = Si[j];
-          a00 += w * x0; a01 += w * x1;
-          w = Si[kTile + j];
-          a10 += w * x0; a11 += w * x1;
-          w = Si[2 * kTile + j];
-          a20 += w * x0; a21 += w * x1;
-          w = Si[3 * kTile + j];
-          a30 += w * x0; a31 += w * x1;
-        }
-        store(a + d, a00); store(a + d + 8, a01);
-        store(a + D + d, a10); store(a + D + d + 8, a11);
-        store(a + 2 * D + d, a20); store(a + 2 * D + d + 8, a21);
-        store(a + 3 * D + d, a30); store(a + 3 * D + d + 8, a31);
-      }
-    }
-    for (; i < nrows; ++i) {
-      float* a = acc + i * D;
-      const float* Si = S + i * kTile;
-      for (int64_t d = 0; d < D; d += 8) {
-        v8 x = load(a + d) * alpha[i];
-        for (int64_t j = 0; j < nt; ++j) x += Si[j] * load(vrow[j] + d);
-        store(a + d, x);
-      }
+    if constexpr (F == Format::I8) {
+      accumulate_values(acc, S, alpha, vrow8, nrows, nt, D);
+    } else {
+      accumulate_values(acc, S, alpha, vrow, nrows, nt, D);
     }
   }
   if (F == Format::I8)
