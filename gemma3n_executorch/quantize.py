@@ -70,9 +70,10 @@ def in_row_blocks(module: nn.Module, dtype: torch.dtype, quantize_one, weights=H
     joined, template = {}, None
     for start in range(0, rows, ROWS_PER_BLOCK):
         block = weights.rows(module.weight, start, min(rows, start + ROWS_PER_BLOCK)).to(dtype)
-        piece = nn.Embedding(*block.shape, _weight=block) if isinstance(module, nn.Embedding) else \
-            nn.Linear(block.shape[1], block.shape[0], bias=False)
-        if isinstance(piece, nn.Linear):
+        if isinstance(module, nn.Embedding):
+            piece = nn.Embedding(*block.shape, _weight=block)
+        else:  # uninitialised: a random init of a block of E4B's lm_head took longer than reading it
+            piece = torch.nn.utils.skip_init(nn.Linear, block.shape[1], block.shape[0], bias=False)
             piece.weight = nn.Parameter(block, requires_grad=False)
         quantize_one(piece)
         quantized = piece.weight
@@ -140,7 +141,20 @@ def apply(model: nn.Module, linear: str, embeddings: str, group_size: int, dtype
     ``weights``: where the model's weights come from (``loaded.weights`` when the model was
     built without them)."""
     from .checkpoint import cast_
+    from .quantize_shortcuts import faster_hqq
 
+    with faster_hqq():
+        skipped = _quantize(model, linear, embeddings, group_size, dtype, weights)
+    cast_(model, dtype)
+    if skipped:
+        grouping = "one scale per channel" if group_size == PER_CHANNEL else f"group size {group_size}"
+        log(f"  {len(skipped)} linear layers kept in floating point (input too narrow for {grouping}), "
+            f"e.g. {skipped[0]}")
+
+
+def _quantize(model: nn.Module, linear: str, embeddings: str, group_size: int, dtype: torch.dtype,
+              weights) -> list[str]:
+    """``apply``'s quantization; returns the names of the linear layers left in floating point."""
     decoder = model.model
     skipped = []
     if linear != "none":  # first: it frees most of the weights before the big tables
@@ -165,8 +179,4 @@ def apply(model: nn.Module, linear: str, embeddings: str, group_size: int, dtype
     elif head_scheme != "none":
         in_row_blocks(model.lm_head, dtype, lambda piece: quantize_linear(piece, head_scheme, head_group), weights)
     weights.fill_(model, dtype)  # what is left in floating point, one tensor at a time
-    cast_(model, dtype)
-    if skipped:
-        grouping = "one scale per channel" if group_size == PER_CHANNEL else f"group size {group_size}"
-        log(f"  {len(skipped)} linear layers kept in floating point (input too narrow for {grouping}), "
-            f"e.g. {skipped[0]}")
+    return skipped
