@@ -116,7 +116,9 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
         del edge
         released = shortcuts["weight bytes released"]
     if released:
-        log(f"  {human_bytes(released)} of weights freed as soon as the program held them")
+        phases = ", ".join(f"{human_bytes(shortcuts[f'weight bytes released {phase}'])} once {phase}"
+                           for phase in lowering_shortcuts.RELEASE_PHASES)
+        log(f"  {human_bytes(released)} of weights freed as soon as the program held them ({phases})")
     with timer.stage("serialize"):
         tokenizer, template = companion_files(loaded)
         lowering.write_together({

@@ -151,19 +151,23 @@ def releasing(program):
         _state["releasable"] = set()
 
 
-def _free(key: int, storage: torch.UntypedStorage) -> None:
+RELEASE_PHASES = ("packed", "folded", "emitted")  # when a weight's last use was serialized
+
+
+def _free(key: int, storage: torch.UntypedStorage, phase: str) -> None:
     _state["releasable"].remove(key)  # each address once: a tensor made later may be given it
     if storage.resizable():  # not memory torch borrowed (from numpy, say): that stays
         _state["counts"]["weight bytes released"] += storage.nbytes()
+        _state["counts"][f"weight bytes released {phase}"] += storage.nbytes()
         storage.resize_(0)
 
 
-def _used_once_more(uses, storages: dict[int, torch.UntypedStorage]) -> None:
+def _used_once_more(uses, storages: dict[int, torch.UntypedStorage], phase: str) -> None:
     """One use of each of ``storages`` is serialized: free those that have no use left."""
     for key, storage in storages.items():
         uses[key] -= 1
         if uses[key] <= 0 and key in _state["releasable"]:
-            _free(key, storage)
+            _free(key, storage, phase)
 
 
 def _install() -> None:
@@ -263,7 +267,7 @@ def _install() -> None:
         # and a weight they replaced would be missed afterwards, held to the end of the lowering.
         weights = _distinct_storages(_program_weights(partition)) if _state["lowering"] and _state["releasable"] else {}
         result = preprocess(partition, compile_specs)
-        _used_once_more(_state["partition uses"], weights)
+        _used_once_more(_state["partition uses"], weights, "packed")
         return result
 
     XnnpackBackend.preprocess = staticmethod(preprocess_then_release)
@@ -279,7 +283,7 @@ def _install() -> None:
             after = _distinct_storages(_program_weights(folded))
             for key in before.keys() - after.keys():  # folded into new constants (the packed tables)
                 if key in _state["releasable"]:
-                    _free(key, before[key])
+                    _free(key, before[key], "folded")
             _state["releasable"].update(after.keys() - before.keys() - {0})  # those, the folded program's alone
         return folded
 
@@ -297,7 +301,7 @@ def _install() -> None:
                 self.weight_uses = _storage_uses(program)
             key = spec.storage.data_ptr()
             if key in self.weight_uses:  # not a copy the emitter made
-                _used_once_more(self.weight_uses, {key: spec.storage})  # its bytes are in the program now
+                _used_once_more(self.weight_uses, {key: spec.storage}, "emitted")  # its bytes are in the program now
         return value
 
     _Emitter._tensor_spec_to_evalue = emit_then_release
