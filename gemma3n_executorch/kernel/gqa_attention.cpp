@@ -14,8 +14,10 @@
 // read; the positions are split across work items (flash-decoding: each item keeps its own running
 // max, sum and accumulator, merged at the end), so one decode token deep in the cache is spread
 // over every thread and read at memory speed. The float arithmetic uses GCC/Clang vector
-// extensions (8 floats), which compile to AVX/AVX2+FMA on x86-64 and NEON on aarch64; int8 keys
-// are scored with integer dot products (intrinsics: VNNI, AVX2, SDOT; plain C elsewhere).
+// extensions (8 floats), which compile to AVX/AVX2+FMA on x86-64 and NEON on aarch64, except the
+// value sums, 16 floats wide in AVX-512 intrinsics where the CPU has them; int8 keys are scored
+// with integer dot products (intrinsics: VNNI, AVX2, SDOT; plain C elsewhere), and int8 values are
+// widened to floats in registers as they are summed.
 
 #include <executorch/extension/kernel_util/make_boxed_from_unboxed_functor.h>
 #include <executorch/runtime/kernel/kernel_includes.h>
