@@ -5,19 +5,23 @@ sampled every 20 ms and its peak printed per phase of lowering, as each phase be
 
 Phases: edge dialect and partitioning; the partitions' copies and XNNPACK's preprocessing of each;
 after delegation; quantization fusion and constant folding (the tables packed); ExecuTorch's passes,
-memory planning and emission.
+memory planning and emission. At the end, for each phase, where the main thread was (its innermost
+frames) when the phase's peak was sampled.
 """
 import argparse
 import os
 import sys
 import threading
 import time
+import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 phase = ["load, quantize, export"]
 peaks: dict[str, float] = {}
+peak_stacks: dict[str, list[str]] = {}
+MAIN_THREAD = threading.get_ident()
 
 
 def resident_gib() -> float:
@@ -25,9 +29,16 @@ def resident_gib() -> float:
         return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**30
 
 
+def where_main_thread_is(frames: int = 8) -> list[str]:
+    stack = traceback.extract_stack(sys._current_frames()[MAIN_THREAD])[-frames:]
+    return [f"{Path(frame.filename).name}:{frame.lineno} {frame.name}" for frame in stack]
+
+
 def sample() -> None:
     while True:
-        peaks[phase[0]] = max(peaks.get(phase[0], 0.0), resident_gib())
+        resident, name = resident_gib(), phase[0]
+        if resident > peaks.get(name, 0.0):
+            peak_stacks[name], peaks[name] = where_main_thread_is(), resident
         time.sleep(0.02)
 
 
@@ -70,6 +81,8 @@ def main() -> int:
     sys.argv = ["export", "--model", args.checkpoint, "--output", args.output, *(flags or ["--mode", "kv"])]
     status = exporter.main(VARIANTS[args.variant])
     enter("end")
+    for name, stack in peak_stacks.items():
+        print(f"  -- {name}: peak {peaks[name]:.2f} GiB while in\n" + "\n".join(f"       {line}" for line in stack))
     return status
 
 

@@ -1,5 +1,5 @@
-"""Three shortcuts through ExecuTorch 1.4.1's XNNPACK lowering that leave the program byte for byte
-the same (tests/test_lowering_shortcuts.py), for the time they save.
+"""Shortcuts through ExecuTorch 1.4.1's XNNPACK lowering that leave the program byte for byte the
+same (tests/test_lowering_shortcuts.py), for the time and memory they save.
 
 Where the time goes (py-spy on the trained tiny model's phone export, 12 layers, 74 delegate
 subgraphs, 250 s of lowering on a quiet 2-core AMD Zen 4): every pass of the edge dialect and of
@@ -18,18 +18,25 @@ runs all 17 of its passes on each of the 74 subgraphs.
   operators, with the same result and one re-trace fewer each (8%).
 * At full depth the partitioner's merging took a fifth of the lowering (py-spy, E4B's E2B slice,
   about 550 s of lowering): each pair of candidate partitions is checked for a cycle by walking,
-  for every outside user of the pair, every node downstream of it; the check walks the smaller of
-  the two sets instead, with the same answers.
+  for every outside user of the pair, every node downstream of it; the check intersects bit sets
+  instead, with the same answers.
 
-And one through its memory: ``to_backend`` deep-copies every partition's program before handing it
-to the backend ("in case backends change graph inside preprocess"), all of them at once, weights
-included, so the quantized linears were held twice while XNNPACK serialized them a third time. The
-copies share their weights with the originals now (the graphs are still copied): XNNPACK reads the
-weights and never writes them (the tests check both the program bytes and the weights). And when
-the caller gives the program's weights up (``releasing``), each weight is freed as soon as its
-serialized form exists (XNNPACK's for a delegated weight, the emitter's bytes for the others), so
-the lowering never holds the weights in both forms at once: the peak had been about twice the
-weights (a program's file size, for the portable recipes).
+And three through its memory:
+* The partitioners (torch's, then ExecuTorch's over it) first write down, for every node, the set
+  of every node downstream of it, and ExecuTorch's also upstream: every connected pair of the
+  graph, quadratic in its size, 6.6 GiB of the 14.4 GiB peak of E4B's full-depth export (1.0 GiB at
+  12 layers; docs/profile_lowering_memory.py). ``ReachableBits`` keeps the same relation as one
+  int a node, bit i for the graph's i-th node.
+* ExecuTorch's packing of a 4-bit table into two values a byte goes a block of rows at a time.
+* ``to_backend`` deep-copies every partition's program before handing it to the backend ("in case
+  backends change graph inside preprocess"), all of them at once, weights included, so the
+  quantized linears were held twice while XNNPACK serialized them a third time. The copies share
+  their weights with the originals now (the graphs are still copied): XNNPACK reads the weights and
+  never writes them (the tests check both the program bytes and the weights). And when the caller
+  gives the program's weights up (``releasing``), each weight is freed as soon as its serialized
+  form exists (XNNPACK's for a delegated weight, the emitter's bytes for the others), so the
+  lowering never holds the weights in both forms at once: the peak had been about twice the
+  weights (a program's file size, for the portable recipes).
 """
 
 from __future__ import annotations
@@ -94,6 +101,84 @@ def _skippable_passes() -> dict:
         xnnpack_passes.Conv1dUnsqueezePass: (aten.convolution.default,),
         xnnpack_passes.PReLUReshapePass: (aten._prelu_kernel.default,),
     }
+
+
+class ReachableBits:
+    """The partitioners' ``_DependencyViewer``: which nodes are downstream (upstream) of a node, the
+    same sets, held as the bits of one int a node (bit i: the graph's i-th node) instead of sets of
+    nodes: N ints of N bits, not a set entry for every connected pair."""
+
+    def __init__(self, graph_module: torch.fx.GraphModule):
+        self.nodes = list(graph_module.graph.nodes)
+        self.index = {node: i for i, node in enumerate(self.nodes)}
+        self.downstream = {}
+        for node in reversed(self.nodes):  # users come later in a graph's order
+            bits = 0
+            for user in node.users:
+                bits |= (1 << self.index[user]) | self.downstream[user]
+            self.downstream[node] = bits
+        self.upstream = None  # ExecuTorch's viewer offers it, its partitioner never asks
+
+    def bits(self, nodes) -> int:
+        flags = bytearray((len(self.nodes) + 7) // 8)
+        for node in nodes:
+            i = self.index[node]
+            flags[i >> 3] |= 1 << (i & 7)
+        return int.from_bytes(flags, "little")
+
+    def downstream_bits(self, node) -> int:
+        return self.downstream.get(node, 0)
+
+    def _members(self, bits: int) -> set:
+        members = set()
+        while bits:
+            lowest = bits & -bits
+            members.add(self.nodes[lowest.bit_length() - 1])
+            bits ^= lowest
+        return members
+
+    def downstreams_of(self, node) -> set:
+        return self._members(self.downstream_bits(node))
+
+    def upstreams_of(self, node) -> set:
+        if self.upstream is None:
+            self.upstream = {}
+            for later in self.nodes:
+                bits = 0
+                for given in later.all_input_nodes:
+                    bits |= (1 << self.index[given]) | self.upstream[given]
+                self.upstream[later] = bits
+        return self._members(self.upstream.get(node, 0))
+
+
+def _viewer_while_lowering(viewer_class):
+    def viewer(graph_module):
+        if not _state["lowering"]:
+            return viewer_class(graph_module)
+        _state["counts"]["reachability as bits"] += 1
+        return ReachableBits(graph_module)
+    return viewer
+
+
+PACKING_BLOCK_BYTES = 1 << 24
+
+
+def _pack_embedding_weight_in_row_blocks(pack):
+    def packed_in_row_blocks(weight: torch.Tensor, bitwidth: int) -> torch.Tensor:
+        # ExecuTorch's 4-bit packing of a table (one int8 a value in, two values a byte out) makes
+        # three temporaries of the whole table (the values shifted, the even ones shifted again, their
+        # OR with the odd ones): 4.6 GiB above E4B's 2.35 GB per-layer table, the export's peak once
+        # the partitioners' sets were gone. The same packing, a block of rows at a time.
+        if bitwidth != 4 or not _state["lowering"] or weight.dim() != 2:
+            return pack(weight, bitwidth)
+        rows, width = weight.shape
+        packed = torch.empty(rows, width // 2, dtype=torch.uint8, device=weight.device)
+        block = max(1, PACKING_BLOCK_BYTES // max(width, 1))
+        for start in range(0, rows, block):
+            packed[start:start + block] = pack(weight[start:start + block], bitwidth)
+        _state["counts"]["tables packed in row blocks"] += 1
+        return packed
+    return packed_in_row_blocks
 
 
 def _deepcopy_sharing_weights(value, memo=None):
@@ -217,25 +302,30 @@ def _install() -> None:
 
     backend_api.copy = types.SimpleNamespace(deepcopy=_deepcopy_sharing_weights)
 
-    from executorch.exir.backend.canonical_partitioners.group_partitioner import GroupBasedPartitioner
+    from executorch.exir.backend.canonical_partitioners import group_partitioner
+    from torch.fx.passes.infra import partitioner as torch_partitioner
     from torch.fx.passes.utils.fuser_utils import validate_partition
 
-    can_merge = GroupBasedPartitioner._can_merge_partitions
+    for module in (torch_partitioner, group_partitioner):
+        module._DependencyViewer = _viewer_while_lowering(module._DependencyViewer)
 
-    def can_merge_testing_the_smaller_set(self, p1, p2, partitions_by_id):
+    can_merge = group_partitioner.GroupBasedPartitioner._can_merge_partitions
+
+    def can_merge_intersecting_bits(self, p1, p2, partitions_by_id):
         # The same answer as ExecuTorch's, which asks of every node downstream of an outside user
         # whether it is in the pair (the downstream sets of a full-depth graph run to thousands of
-        # nodes, for each pair of partitions): set.isdisjoint walks the smaller set instead.
-        if not _state["lowering"]:
+        # nodes, for each pair of partitions): one AND of two ints instead.
+        if not _state["lowering"] or not isinstance(self.dependency_viewer, ReachableBits):
             return can_merge(self, p1, p2, partitions_by_id)
         combined = set(partitions_by_id[p1].nodes.keys()).union(set(partitions_by_id[p2].nodes.keys()))
+        combined_bits = self.dependency_viewer.bits(combined)
         for node in combined:
             for user in node.users:
-                if user not in combined and not self.dependency_viewer.downstreams_of(user).isdisjoint(combined):
+                if user not in combined and self.dependency_viewer.downstream_bits(user) & combined_bits:
                     return False
         return validate_partition(list(combined))
 
-    GroupBasedPartitioner._can_merge_partitions = can_merge_testing_the_smaller_set
+    group_partitioner.GroupBasedPartitioner._can_merge_partitions = can_merge_intersecting_bits
 
     # Releasing weights: a weight may be used by several partitions (ExecuTorch's duplicated
     # constants still name the original tensor) or stay outside them, so the uses are counted
@@ -288,6 +378,11 @@ def _install() -> None:
         return folded
 
     _program.quant_fusion_and_const_prop_pass = fuse_and_fold_then_release
+
+    from executorch.exir.passes import _quant_patterns_and_replacements
+
+    pack = _quant_patterns_and_replacements._pack_embedding_weight
+    pack.register_kernel("cpu")(_pack_embedding_weight_in_row_blocks(pack._init_fn))
 
     from executorch.exir.emit._emitter import _Emitter
 

@@ -47,8 +47,23 @@ def test_shortcuts_leave_the_program_byte_for_byte_the_same():
     plain, _ = program_bytes(shortcuts=False)
     shortcut, counts = program_bytes(shortcuts=True)
     assert counts["shapes reused"] > 0 and counts["passes skipped"] > 0, counts  # taken, not bypassed
-    assert counts["partition copies sharing weights"] > 0, counts
+    assert counts["partition copies sharing weights"] > 0 and counts["reachability as bits"] > 0, counts
     assert shortcut == plain
+
+
+def test_reachability_bits_answer_as_the_partitioners_sets():
+    from executorch.exir import to_edge
+    from executorch.exir.backend.canonical_partitioners.group_partitioner import _DependencyViewer
+
+    tokens = torch.export.Dim("tokens", min=1, max=16)
+    graph_module = to_edge(lowering.export(Block().requires_grad_(False), (torch.randn(1, 4, 64),),
+                                           ({1: tokens},))).exported_program().graph_module
+    sets, bits = _DependencyViewer(graph_module), lowering_shortcuts.ReachableBits(graph_module)
+    nodes = list(graph_module.graph.nodes)
+    assert sum(len(sets.downstreams_of(node)) for node in nodes) > len(nodes)  # a graph with paths to follow
+    for node in nodes:
+        assert bits.downstreams_of(node) == sets.downstreams_of(node), node
+        assert bits.upstreams_of(node) == sets.upstreams_of(node), node
 
 
 @pytest.mark.parametrize("backend", ["xnnpack", "portable"])  # freed after XNNPACK's packing / the emitter's copy
@@ -62,3 +77,32 @@ def test_weights_released_as_they_are_serialized_leave_the_program_byte_for_byte
     assert counts["weight bytes released"] == sum(counts.get(f"weight bytes released {phase}", 0)
                                                   for phase in lowering_shortcuts.RELEASE_PHASES), counts
     assert released == plain
+
+
+class Lookup(nn.Module):
+    """A table gathered by token, as Gemma 3n's token and per-layer embeddings are."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.table = nn.Embedding(96, 64)
+
+    def forward(self, tokens):
+        return self.table(tokens)
+
+
+def lookup_program_bytes(shortcuts: bool) -> tuple[bytes, dict]:
+    lookup = Lookup().requires_grad_(False)
+    quantize.quantize_model(lookup, qembedding_config="4w", qembedding_group_size=quantize.EMBEDDING_GROUP_SIZE)
+    program = lowering.export(lookup, (torch.tensor([[3, 95, 0, 17]]),), None)
+    with lowering_shortcuts.enabled() if shortcuts else contextlib.nullcontext({}) as counts:
+        lowered = lowering.emit(lowering.delegate(program, "portable", {})[0], quantized_embeddings=True)
+    return lowered.buffer, dict(counts)
+
+
+def test_four_bit_tables_packed_in_row_blocks_leave_the_program_byte_for_byte_the_same(monkeypatch):
+    plain, _ = lookup_program_bytes(shortcuts=False)
+    monkeypatch.setattr(lowering_shortcuts, "PACKING_BLOCK_BYTES", 64 * 10)  # 10 rows a block: 10 blocks, the last short
+    blocked, counts = lookup_program_bytes(shortcuts=True)
+    assert counts.get("tables packed in row blocks") == 1, counts
+    assert blocked == plain
