@@ -5,6 +5,8 @@ docs/benchmarks.md:
 
     python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --seconds 30 --perf-dir /tmp/prof
     python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --torch-threads 1   (timed only)
+    python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --seconds 10 --rounds 5
+        (timed only, the depths alternated: the speed ratio of each round, on a machine whose speed drifts)
 
 A call's cost does not depend on what the cache holds (every kernel reads the positions up to the
 token's own, whatever their values), so each depth is reached by setting the position, without
@@ -80,6 +82,7 @@ def main() -> None:
     parser.add_argument("--perf-dir", type=Path, help="sample with perf and keep its data here")
     parser.add_argument("--frequency", type=int, default=999, help="perf samples a second, per thread")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--rounds", type=int, default=1, help="timed only: time the depths in turn this many times")
     parser.add_argument("--torch-threads", type=int,
                         help="torch's own threads beside the program (default: torch's, as generate.py and "
                              "bench.py leave them)")
@@ -97,9 +100,15 @@ def main() -> None:
             program.position = depth
             program.step([TOKEN])
     if args.perf_dir is None:
-        for depth in depths:
-            calls, taken = decode_at(program, depth, args.seconds)
-            print(f"depth {depth}: {taken / calls * 1e3:.2f} ms per token ({calls} calls)")
+        for round_ in range(args.rounds):
+            ms = {}
+            for depth in depths:
+                calls, taken = decode_at(program, depth, args.seconds)
+                ms[depth] = taken / calls * 1e3
+                print(f"depth {depth}: {ms[depth]:.2f} ms per token ({calls} calls)")
+            if args.rounds > 1:
+                print(f"round {round_ + 1}: speed against depth {depths[0]}: "
+                      + ", ".join(f"depth {d} {ms[depths[0]] / ms[d]:.3f}x" for d in depths[1:]), flush=True)
         return
     args.perf_dir.mkdir(parents=True, exist_ok=True)
     report({depth: profile(program, depth, args.seconds, args.perf_dir, args.frequency) for depth in depths},
