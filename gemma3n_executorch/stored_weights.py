@@ -18,6 +18,7 @@ exists either. The result is the same program, byte for byte, as Hugging Face's 
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import json
 import math
 import re
@@ -91,7 +92,9 @@ def read_rows(stored: StoredTensor, start: int | None = None, stop: int | None =
     tensor = torch.empty(shape, dtype=stored.dtype)
     if tensor.numel():
         row_bytes = math.prod(stored.shape[1:]) * tensor.element_size()
-        view = tensor.view(-1).view(torch.uint8).numpy()
+        # Through ctypes, not .numpy(): a tensor numpy has seen keeps its memory for good (its
+        # storage is no longer resizable), and lowering frees each weight once serialized.
+        view = memoryview((ctypes.c_char * tensor.nbytes).from_address(tensor.data_ptr())).cast("B")
         with stored.path.open("rb") as file:
             file.seek(stored.offset + (start or 0) * row_bytes)
             if file.readinto(view) != view.nbytes:
