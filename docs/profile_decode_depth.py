@@ -7,6 +7,9 @@ docs/benchmarks.md:
     python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --torch-threads 1   (timed only)
     python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --seconds 10 --rounds 5
         (timed only, the depths alternated: the speed ratio of each round, on a machine whose speed drifts)
+    python docs/profile_decode_depth.py PROGRAM --prompts 128,4096 --rounds 5
+        (prefill instead: a prompt of each length from position 0, alternated, as bench.py's --long-prompt
+        ratio; the first round's 128-token prompt also warms the program up)
 
 A call's cost does not depend on what the cache holds (every kernel reads the positions up to the
 token's own, whatever their values), so each depth is reached by setting the position, without
@@ -35,6 +38,14 @@ def decode_at(program, depth: int, seconds: float) -> tuple[int, float]:
         program.step([TOKEN])
         calls += 1
     return calls, time.perf_counter() - began
+
+
+def prefill(program, length: int) -> float:
+    """Tokens a second of one prompt of ``length`` tokens from position 0 (in the program's calls)."""
+    program.position = 0
+    began = time.perf_counter()
+    program.step([TOKEN] * length)
+    return length / (time.perf_counter() - began)
 
 
 def sampled(perf_data: Path, key: str) -> collections.Counter:
@@ -83,6 +94,7 @@ def main() -> None:
     parser.add_argument("--frequency", type=int, default=999, help="perf samples a second, per thread")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--rounds", type=int, default=1, help="timed only: time the depths in turn this many times")
+    parser.add_argument("--prompts", help="prompt lengths to prefill in turn instead (timed only), e.g. 128,4096")
     parser.add_argument("--torch-threads", type=int,
                         help="torch's own threads beside the program (default: torch's, as generate.py and "
                              "bench.py leave them)")
@@ -94,6 +106,15 @@ def main() -> None:
     program = Program(args.program)
     if args.torch_threads is not None:
         torch.set_num_threads(args.torch_threads)
+    if args.prompts:
+        lengths = [int(n) for n in args.prompts.split(",")]
+        prefill(program, lengths[0])  # warm-up
+        for round_ in range(args.rounds):
+            rates = {n: prefill(program, n) for n in lengths}
+            print(f"round {round_ + 1}: " + ", ".join(f"{n} tokens {rate:.1f} tok/s" for n, rate in rates.items())
+                  + "; against the first: " + ", ".join(f"{n} tokens {rates[n] / rates[lengths[0]]:.3f}x"
+                                                        for n in lengths[1:]), flush=True)
+        return
     depths = [int(d) for d in args.depths.split(",")]
     for depth in depths:
         for _ in range(WARM_UP_CALLS):

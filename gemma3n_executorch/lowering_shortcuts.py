@@ -36,13 +36,20 @@ And three through its memory:
   gives the program's weights up (``releasing``), each weight is freed as soon as its serialized
   form exists (XNNPACK's for a delegated weight, the emitter's bytes for the others), so the
   lowering never holds the weights in both forms at once: the peak had been about twice the
-  weights (a program's file size, for the portable recipes).
+  weights (a program's file size, for the portable recipes). The emitter's copy of a weight's last
+  use is made a block at a time, each block's pages of the weight given back as soon as copied:
+  otherwise the largest weight existed twice at that moment (E2B's bf16 per-layer table: 4.0 GB
+  over the 8.8 GB the fixed program's weights take).
 """
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import copy
+import ctypes
+import mmap
+import sys
 import types
 import warnings
 from collections import Counter
@@ -53,7 +60,9 @@ TORCHAO_QUANT_OPS = ("choose_qparams_affine", "quantize_affine", "dequantize_aff
 
 _library = None  # the overriding registrations last as long as this Library object
 _state = {"lowering": 0, "passes": 0, "shapes": None, "counts": None, "releasable": set(),
-          "partition uses": Counter()}
+          "partition uses": Counter(), "moving": None}
+# madvise, where the C library has it (Linux, macOS); elsewhere weights are copied whole.
+_madvise = getattr(ctypes.CDLL(None), "madvise", None) if sys.platform != "win32" else None
 
 
 def _shortcut_kernel(body):
@@ -237,6 +246,37 @@ def releasing(program):
 
 
 RELEASE_PHASES = ("packed", "folded", "emitted")  # when a weight's last use was serialized
+MOVE_MIN_BYTES = 1 << 24  # weights from this size are moved into the emitter's copy a block at a time
+MOVE_BLOCK_BYTES = 1 << 26
+
+
+def _moved_into_bytes(storage: torch.UntypedStorage) -> bytes:
+    """The storage's bytes, copied a block at a time into a new bytes object (zero pages until
+    written), the storage's pages given back to the system as soon as copied (they read as zeros
+    after): the storage is freed next."""
+    size, source = storage.nbytes(), storage.data_ptr()
+    result = builtins.bytes(size)
+    target = ctypes.cast(ctypes.c_char_p(result), ctypes.c_void_p).value  # a new object: no one has seen it yet
+    given_back = -(-source // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
+    for offset in range(0, size, MOVE_BLOCK_BYTES):
+        length = min(MOVE_BLOCK_BYTES, size - offset)
+        ctypes.memmove(target + offset, source + offset, length)
+        copied_pages_end = (source + offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
+        if copied_pages_end > given_back:
+            _madvise(ctypes.c_void_p(given_back), ctypes.c_size_t(copied_pages_end - given_back), mmap.MADV_DONTNEED)
+            given_back = copied_pages_end
+    _state["counts"]["weights moved a block at a time"] += 1
+    return result
+
+
+def _bytes_moving_last_uses(*args, **kwargs):
+    """``bytes`` as the emitter sees it: its copy of a constant whose memory is freed right after
+    (``_state["moving"]``) is moved a block at a time; any other call is the builtin's."""
+    storage = _state["moving"]
+    if (storage is not None and len(args) == 1 and not kwargs and isinstance(args[0], ctypes.Array)
+            and ctypes.addressof(args[0]) == storage.data_ptr() and ctypes.sizeof(args[0]) == storage.nbytes()):
+        return _moved_into_bytes(storage)
+    return builtins.bytes(*args, **kwargs)
 
 
 def _free(key: int, storage: torch.UntypedStorage, phase: str) -> None:
@@ -384,22 +424,32 @@ def _install() -> None:
     pack = _quant_patterns_and_replacements._pack_embedding_weight
     pack.register_kernel("cpu")(_pack_embedding_weight_in_row_blocks(pack._init_fn))
 
+    from executorch.exir.emit import _emitter
     from executorch.exir.emit._emitter import _Emitter
 
     tensor_spec_to_evalue = _Emitter._tensor_spec_to_evalue
 
     def emit_then_release(self, spec, *args, **kwargs):
-        value = tensor_spec_to_evalue(self, spec, *args, **kwargs)
         program = getattr(self, "exported_program", None)  # the top level's emitter
-        if _state["lowering"] and _state["releasable"] and spec.const and spec.storage is not None and program:
-            if not hasattr(self, "weight_uses"):
-                self.weight_uses = _storage_uses(program)
-            key = spec.storage.data_ptr()
-            if key in self.weight_uses:  # not a copy the emitter made
-                _used_once_more(self.weight_uses, {key: spec.storage}, "emitted")  # its bytes are in the program now
+        if not (_state["lowering"] and _state["releasable"] and spec.const and spec.storage is not None and program):
+            return tensor_spec_to_evalue(self, spec, *args, **kwargs)
+        if not hasattr(self, "weight_uses"):
+            self.weight_uses = _storage_uses(program)
+        key = spec.storage.data_ptr()
+        if key not in self.weight_uses:  # a copy the emitter made
+            return tensor_spec_to_evalue(self, spec, *args, **kwargs)
+        last = (self.weight_uses[key] == 1 and key in _state["releasable"] and spec.storage.resizable()
+                and spec.storage.nbytes() >= MOVE_MIN_BYTES and _madvise is not None)
+        _state["moving"] = spec.storage if last else None
+        try:
+            value = tensor_spec_to_evalue(self, spec, *args, **kwargs)
+        finally:
+            _state["moving"] = None
+        _used_once_more(self.weight_uses, {key: spec.storage}, "emitted")  # its bytes are in the program now
         return value
 
     _Emitter._tensor_spec_to_evalue = emit_then_release
+    _emitter.bytes = _bytes_moving_last_uses  # the one name the emitter copies a constant with
     _library = library
 
 

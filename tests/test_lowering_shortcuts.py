@@ -106,3 +106,15 @@ def test_four_bit_tables_packed_in_row_blocks_leave_the_program_byte_for_byte_th
     blocked, counts = lookup_program_bytes(shortcuts=True)
     assert counts.get("tables packed in row blocks") == 1, counts
     assert blocked == plain
+
+
+def test_weights_moved_into_the_program_a_block_at_a_time_leave_it_byte_for_byte_the_same(monkeypatch):
+    """The emitter's copy of a weight's last use is made a block at a time, each block's pages of the
+    weight given back once copied (at real size the largest weight would otherwise exist twice):
+    here every weight, in blocks of one page."""
+    plain, _ = program_bytes(shortcuts=False, backend="portable")
+    monkeypatch.setattr(lowering_shortcuts, "MOVE_MIN_BYTES", 0)
+    monkeypatch.setattr(lowering_shortcuts, "MOVE_BLOCK_BYTES", 4096)
+    moved, counts = program_bytes(shortcuts=True, release_weights=True, backend="portable")
+    assert counts["weights moved a block at a time"] >= 2, counts  # both linears' weights (32 KB each)
+    assert moved == plain
