@@ -406,6 +406,28 @@ inline float quantize_row(const float* q, int64_t D, int8_t* q8, int32_t* qsum) 
   return scale;
 }
 
+// A tile's int8 rows of KV head g, positions p0 + j for j < nt, with their scales and zero points
+// (zeros past nt: the 8-wide softmax reads whole vectors). Keys stay int8 (integer dot products);
+// values are widened in registers as they are summed (widened once into a float tile for a chunk's
+// many rows measured no faster).
+struct Int8Rows {
+  const int8_t* k[kTile];
+  const int8_t* v[kTile];
+  float kscale[kTile] = {}, kzero[kTile] = {}, vscale[kTile] = {}, vzero[kTile] = {};
+
+  void gather(const Problem& P, int64_t g, int64_t p0, int64_t nt) {
+    for (int64_t j = 0; j < nt; ++j) {
+      const int64_t at = ((p0 + j) % P.slots) * P.KV + g;
+      k[j] = static_cast<const int8_t*>(P.k) + at * P.D;
+      v[j] = static_cast<const int8_t*>(P.v) + at * P.D;
+      kscale[j] = P.k_scales[at];
+      kzero[j] = P.k_zero_points[at];
+      vscale[j] = P.v_scales[at];
+      vzero[j] = P.v_zero_points[at];
+    }
+  }
+};
+
 #if defined(__AVX512VNNI__) && defined(__AVX512BW__)
 // A chunk's int8 attention with its rows in vectors, 16 rows a vector: the scores of 16 rows against
 // a key are one chain of vpdpbusd (the rows' int8 queries transposed once per work item into
@@ -489,9 +511,8 @@ void run_item_int8_rows(const Problem& P, int64_t g, int64_t row0, int64_t nrows
   }
   std::memset(acc, 0, nrows * D * sizeof(float));
 
-  const int8_t* krow[kTile];
-  const int8_t* vrow[kTile];
-  float kscale[kTile], kzero[kTile], vscale[kTile], vzero[kTile], ksum[kTile];
+  Int8Rows rows;
+  float ksum[kTile];
   const char* kbase = static_cast<const char*>(P.k);
   const char* vbase = static_cast<const char*>(P.v);
   float* S = scores.data();  // S[j * width + i]: a tile's columns
@@ -499,35 +520,27 @@ void run_item_int8_rows(const Problem& P, int64_t g, int64_t row0, int64_t nrows
   for (int64_t p0 = p_begin; p0 < p_end; p0 += kTile) {
     const int64_t nt = std::min<int64_t>(kTile, p_end - p0);
     const int64_t next_end = std::min<int64_t>(p_end, p0 + nt + kTile);
-    for (int64_t j = 0; j < nt; ++j) {
-      const int64_t at = ((p0 + j) % P.slots) * KV + g;
-      krow[j] = static_cast<const int8_t*>(P.k) + at * D;
-      vrow[j] = static_cast<const int8_t*>(P.v) + at * D;
-      kscale[j] = P.k_scales[at];
-      kzero[j] = P.k_zero_points[at];
-      vscale[j] = P.v_scales[at];
-      vzero[j] = P.v_zero_points[at];
-      ksum[j] = static_cast<float>(sum_i8(krow[j], D) << 7);  // (q + 128) . k - q . k
-    }
+    rows.gather(P, g, p0, nt);
+    for (int64_t j = 0; j < nt; ++j) ksum[j] = static_cast<float>(sum_i8(rows.k[j], D) << 7);  // (q + 128) . k - q . k
     for (int64_t j = 0; j < nt; j += 2) {
       for (int64_t n = p0 + nt + j; n < std::min(next_end, p0 + nt + j + 2); ++n)  // a next-tile row per key
         prefetch_tile(kbase, vbase, g, KV, P.slots, D, n, n + 1);
       const int64_t j1 = std::min(j + 1, nt - 1);
       __m512i s0[kRowBlock / kRowVector], s1[kRowBlock / kRowVector];
       switch (vectors) {
-        case 1: score_pair<1>(qt.data(), width, D4, krow[j], krow[j1], s0, s1); break;
-        case 2: score_pair<2>(qt.data(), width, D4, krow[j], krow[j1], s0, s1); break;
-        case 3: score_pair<3>(qt.data(), width, D4, krow[j], krow[j1], s0, s1); break;
-        default: score_pair<4>(qt.data(), width, D4, krow[j], krow[j1], s0, s1); break;
+        case 1: score_pair<1>(qt.data(), width, D4, rows.k[j], rows.k[j1], s0, s1); break;
+        case 2: score_pair<2>(qt.data(), width, D4, rows.k[j], rows.k[j1], s0, s1); break;
+        case 3: score_pair<3>(qt.data(), width, D4, rows.k[j], rows.k[j1], s0, s1); break;
+        default: score_pair<4>(qt.data(), width, D4, rows.k[j], rows.k[j1], s0, s1); break;
       }
       for (int64_t v = 0; v < vectors; ++v) {
         const v16 qs = *reinterpret_cast<const v16*>(qsum + v * kRowVector);
         const v16 qc = *reinterpret_cast<const v16*>(qscale + v * kRowVector);
         v16 x = reinterpret_cast<v16>(_mm512_cvtepi32_ps(s0[v])) - ksum[j];
-        *reinterpret_cast<v16u*>(S + j * width + v * kRowVector) = kscale[j] * (x - kzero[j] * qs) * qc;
+        *reinterpret_cast<v16u*>(S + j * width + v * kRowVector) = rows.kscale[j] * (x - rows.kzero[j] * qs) * qc;
         if (j1 != j) {
           x = reinterpret_cast<v16>(_mm512_cvtepi32_ps(s1[v])) - ksum[j1];
-          *reinterpret_cast<v16u*>(S + j1 * width + v * kRowVector) = kscale[j1] * (x - kzero[j1] * qs) * qc;
+          *reinterpret_cast<v16u*>(S + j1 * width + v * kRowVector) = rows.kscale[j1] * (x - rows.kzero[j1] * qs) * qc;
         }
       }
     }
@@ -550,8 +563,8 @@ void run_item_int8_rows(const Problem& P, int64_t g, int64_t row0, int64_t nrows
         v16 e = fast_exp_lanes<v16, v16i>(*Sj - m_new);
         e = p >= lo && p <= hi ? e : v16{};
         sum += e;
-        e *= vscale[j];
-        c += e * vzero[j];
+        e *= rows.vscale[j];
+        c += e * rows.vzero[j];
         *Sj = e;
       }
       lv[v] = lv[v] * a + sum;
@@ -559,7 +572,7 @@ void run_item_int8_rows(const Problem& P, int64_t g, int64_t row0, int64_t nrows
       mv[v] = m_new;
       *reinterpret_cast<v16*>(alpha + v * kRowVector) = a;
     }
-    accumulate_values(acc, S, alpha, vrow, nrows, nt, D, 1, width);
+    accumulate_values(acc, S, alpha, rows.v, nrows, nt, D, 1, width);
   }
   for (int64_t v = 0; v < vectors; ++v) {
     *reinterpret_cast<v16*>(out + v * kRowVector) = cv[v];
@@ -613,9 +626,7 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
 
   const float* krow[kTile];
   const float* vrow[kTile];
-  const int8_t* krow8[kTile];
-  const int8_t* vrow8[kTile];
-  float kscale[kTile] = {}, kzero[kTile] = {}, vscale[kTile] = {}, vzero[kTile] = {};
+  Int8Rows rows8;
   const int64_t element = F == Format::F32 ? 4 : F == Format::F16 ? 2 : 1;
   const char* kbase = static_cast<const char*>(P.k);
   const char* vbase = static_cast<const char*>(P.v);
@@ -643,17 +654,9 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
         convert_row(static_cast<const uint16_t*>(P.v) + at * D, vd, D);
         krow[j] = kd;
         vrow[j] = vd;
-      } else {
-        // Keys stay int8 (integer dot products); values are widened in registers as they are summed
-        // (widened once into a float tile for a chunk's many rows measured no faster).
-        krow8[j] = static_cast<const int8_t*>(P.k) + at * D;
-        vrow8[j] = static_cast<const int8_t*>(P.v) + at * D;
-        kscale[j] = P.k_scales[at];
-        kzero[j] = P.k_zero_points[at];
-        vscale[j] = P.v_scales[at];
-        vzero[j] = P.v_zero_points[at];
       }
     }
+    if (F == Format::I8) rows8.gather(P, g, p0, nt);
     // Scores S[i][j] = q_i . k_j (int8: the integer dot product, scaled and corrected below).
     int64_t i = 0;
     if (F == Format::I8) {
@@ -662,11 +665,11 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
         for (int64_t j = 0; j < nt; ++j) {
           if (i == 0 && p0 + nt + j < next_end)  // one next-tile row per key row scored
             prefetch_tile(kbase, vbase, g, KV, P.slots, D, p0 + nt + j, p0 + nt + j + 1);
-          dot_i8_4x1(q8 + i * D, D, qsum8 + i, krow8[j], o);
+          dot_i8_4x1(q8 + i * D, D, qsum8 + i, rows8.k[j], o);
           for (int r = 0; r < 4; ++r) S[(i + r) * kTile + j] = static_cast<float>(o[r]);
         }
       for (; i < nrows; ++i)
-        for (int64_t j = 0; j < nt; ++j) S[i * kTile + j] = static_cast<float>(dot_i8(q8 + i * D, krow8[j], D));
+        for (int64_t j = 0; j < nt; ++j) S[i * kTile + j] = static_cast<float>(dot_i8(q8 + i * D, rows8.k[j], D));
     }
     for (; i + 4 <= nrows; i += 4) {
       int64_t j = 0;
@@ -694,7 +697,7 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
       for (int64_t j = 0; j < nt8; j += 8) {
         v8 x = load(Si + j);
         if (F == Format::I8) {
-          x = load(kscale + j) * (x - load(kzero + j) * qsum[i]) * qscale[i];
+          x = load(rows8.kscale + j) * (x - load(rows8.kzero + j) * qsum[i]) * qscale[i];
           store(Si + j, x);
         }
         const v8i col = kLane + static_cast<int32_t>(j);
@@ -709,8 +712,8 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
         p = col >= static_cast<int32_t>(lo) && col < static_cast<int32_t>(hi) ? p : v8{};
         sum8 += p;
         if (F == Format::I8) {
-          p *= load(vscale + j);
-          c8 += p * load(vzero + j);
+          p *= load(rows8.vscale + j);
+          c8 += p * load(rows8.vzero + j);
         }
         store(Si + j, p);
       }
@@ -720,7 +723,7 @@ void run_item(const Problem& P, int64_t g, int64_t row0, int64_t nrows, int64_t 
     }
 
     if constexpr (F == Format::I8) {
-      accumulate_values(acc, S, alpha, vrow8, nrows, nt, D);
+      accumulate_values(acc, S, alpha, rows8.v, nrows, nt, D);
     } else {
       accumulate_values(acc, S, alpha, vrow, nrows, nt, D);
     }
