@@ -41,10 +41,15 @@ def decode_at(program, depth: int, seconds: float) -> tuple[int, float]:
 
 
 def prefill(program, length: int) -> float:
-    """Tokens a second of one prompt of ``length`` tokens from position 0 (in the program's calls)."""
+    """Tokens a second of one prompt of ``length`` tokens from position 0 (in the program's calls):
+    bench.py's probe tokens, so that the tables are read a row per token as in its --long-prompt."""
+    from gemma3n_executorch.parity import probe_tokens
+    from gemma3n_executorch.variants import BOS_ID
+
+    tokens = probe_tokens(length, program.info.vocab_size, BOS_ID)
     program.position = 0
     began = time.perf_counter()
-    program.step([TOKEN] * length)
+    program.step(tokens)
     return length / (time.perf_counter() - began)
 
 
