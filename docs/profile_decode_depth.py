@@ -100,6 +100,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--rounds", type=int, default=1, help="timed only: time the depths in turn this many times")
     parser.add_argument("--prompts", help="prompt lengths to prefill in turn instead (timed only), e.g. 128,4096")
+    parser.add_argument("--fill", action="store_true",
+                        help="first prefill probe tokens up to the deepest depth, so that the calls attend to real "
+                             "keys and values (without it they attend to a cache never written: equal weights)")
     parser.add_argument("--torch-threads", type=int,
                         help="torch's own threads beside the program (default: torch's, as generate.py and "
                              "bench.py leave them)")
@@ -121,6 +124,8 @@ def main() -> None:
                                                         for n in lengths[1:]), flush=True)
         return
     depths = [int(d) for d in args.depths.split(",")]
+    if args.fill:
+        print(f"filled to depth {max(depths)} at {prefill(program, max(depths)):.1f} tok/s", flush=True)
     for depth in depths:
         for _ in range(WARM_UP_CALLS):
             program.position = depth
