@@ -247,7 +247,7 @@ def releasing(program):
 
 RELEASE_PHASES = ("packed", "folded", "emitted")  # when a weight's last use was serialized
 MOVE_MIN_BYTES = 1 << 24  # weights from this size are moved into the emitter's copy a block at a time
-MOVE_BLOCK_BYTES = 1 << 26
+MOVE_BLOCK_BYTES = 1 << 26  # at most this much of a weight exists twice while it is moved
 
 
 def _moved_into_bytes(storage: torch.UntypedStorage) -> bytes:

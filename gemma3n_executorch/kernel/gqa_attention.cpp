@@ -494,7 +494,7 @@ void run_item_int8_rows(const Problem& P, int64_t g, int64_t row0, int64_t nrows
   qt.resize(kRowBlock * D);
   scores.resize(kTile * kRowBlock);
   alignas(64) int32_t first[kRowBlock], limit[kRowBlock];
-  alignas(64) float qscale[kRowBlock], qsum[kRowBlock], alpha[kRowBlock], out[kRowBlock];
+  alignas(64) float qscale[kRowBlock], qsum[kRowBlock], alpha[kRowBlock], corr[kRowBlock];
   for (int64_t i = 0; i < width; ++i) {
     if (i < nrows) {
       const int64_t row = row0 + i, t = row / R, h = g * R + row % R;
@@ -587,14 +587,14 @@ void run_item_int8_rows(const Problem& P, int64_t g, int64_t row0, int64_t nrows
     accumulate_values(acc, S, alpha, rows.v, nrows, nt, D, 1, width);
   }
   for (int64_t v = 0; v < vectors; ++v) {
-    *reinterpret_cast<v16*>(out + v * kRowVector) = cv[v];
+    *reinterpret_cast<v16*>(corr + v * kRowVector) = cv[v];
     for (int64_t r = 0; r < kRowVector && v * kRowVector + r < nrows; ++r) {
       m[v * kRowVector + r] = mv[v][r];
       l[v * kRowVector + r] = lv[v][r];
     }
   }
   for (int64_t i = 0; i < nrows; ++i)
-    for (int64_t d = 0; d < D; ++d) acc[i * D + d] -= out[i];
+    for (int64_t d = 0; d < D; ++d) acc[i * D + d] -= corr[i];
 }
 #endif
 
