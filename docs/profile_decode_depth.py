@@ -7,6 +7,9 @@ docs/benchmarks.md:
     python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --torch-threads 1   (timed only)
     python docs/profile_decode_depth.py PROGRAM --depths 128,32000 --seconds 10 --rounds 5
         (timed only, the depths alternated: the speed ratio of each round, on a machine whose speed drifts)
+    python docs/profile_decode_depth.py PROGRAM --depths 128 --seconds 10 --rounds 3 --omp-wait-policy passive
+        (torch's OpenMP workers block after each parallel region instead of spinning; run alternately
+        with and without it, each a process of its own)
     python docs/profile_decode_depth.py PROGRAM --prompts 128,4096 --rounds 5
         (prefill instead: a prompt of each length from position 0, alternated, as bench.py's --long-prompt
         ratio; the first round's 128-token prompt also warms the program up)
@@ -104,9 +107,14 @@ def main() -> None:
                         help="first prefill probe tokens up to the deepest depth, so that the calls attend to real "
                              "keys and values (without it they attend to a cache never written: equal weights)")
     parser.add_argument("--torch-threads", type=int,
-                        help="torch's own threads beside the program (default: torch's, as generate.py and "
-                             "bench.py leave them)")
+                        help="torch's own threads beside the program (default: torch's); a program on this "
+                             "project's kernel makes its calls with one all the same (runtime.torch_threads)")
+    parser.add_argument("--omp-wait-policy", choices=["active", "passive"],
+                        help="torch's OpenMP workers: spin for the next parallel region, or block at once after "
+                             "one (default: libgomp's, which spins a while)")
     args = parser.parse_args()
+    if args.omp_wait_policy:
+        os.environ["OMP_WAIT_POLICY"] = args.omp_wait_policy.upper()  # read once, when torch loads libgomp
     import torch
 
     from gemma3n_executorch.runtime import Program

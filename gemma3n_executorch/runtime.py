@@ -29,6 +29,13 @@ THREAD_POOL_NOTES = re.compile(r"\[cpuinfo_utils\.cpp:\d+\] (Reading file |Faile
 # allocate its packed weights, the program cannot be mapped, an allocation failed.
 OUT_OF_MEMORY = re.compile(r"xnn_status_out_of_memory|Failed to map|MemoryAllocationFailed")
 LOG_LINE_PREFIX = re.compile(r"^\[[\w.]+:\d+\] ")
+# The Python bindings copy each output with torch's clone, a parallel copy for the logits, after which
+# torch's OpenMP worker spins for the next parallel region on a core the program's own thread pool
+# needs (7.5 CPU ms a token, docs/benchmarks.md, "Where decode time goes at depth"). This project's
+# attention kernel and XNNPACK run on ExecuTorch's thread pool, so a program using the kernel makes
+# its calls with one torch thread: 4-layer E2B-width program, AMD Zen 4, decode 1.37x. ExecuTorch's
+# own attention kernel runs on torch's threads (one thread: decode 0.53x), so those programs keep them.
+TORCH_THREADS_BY_ATTENTION_KERNEL = {"gemma3n": 1}
 
 
 class RuntimeLog(io.TextIOBase):
@@ -61,6 +68,20 @@ def runtime_log():
             print(line, file=shown)
 
 
+@contextmanager
+def torch_threads(count: int | None):
+    """torch's intra-op threads set to ``count`` while the context lasts (None: left alone)."""
+    if count is None:
+        yield
+        return
+    kept = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(kept)
+
+
 class Program:
     """An exported Gemma 3n program loaded through ``executorch.runtime``."""
 
@@ -85,6 +106,7 @@ class Program:
                     from . import kernel
 
                     kernel.load_runtime_kernel()
+                self.torch_threads = TORCH_THREADS_BY_ATTENTION_KERNEL.get(self.info.attention_kernel)
                 self._forward = self._program.load_method("forward")  # XNNPACK packs its weights here
             except (MemoryError, RuntimeError) as error:
                 raise self.load_error(error, log.take_lines()) from None
@@ -117,7 +139,7 @@ class Program:
                             "use the tokenizer exported with this program")
 
     def execute(self, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-        with runtime_log():
+        with runtime_log(), torch_threads(self.torch_threads):
             return self._forward.execute(inputs)
 
     def forward_fixed(self, input_ids: torch.Tensor) -> torch.Tensor:
