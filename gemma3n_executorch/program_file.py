@@ -89,6 +89,29 @@ def read_program(path: Path):
     return program, size or Path(path).stat().st_size, preflight.segment_base_offset(head)
 
 
+def delegate_weight_bytes(blobs: list[bytes], named_sizes: dict[str, int]) -> list[int]:
+    """For each delegate blob, the bytes of the named weights it uses (XNNPACK's serialized graph
+    names each weight it packs by its key in the program's named data)."""
+    keys = {key.encode(): size for key, size in named_sizes.items()}
+    return [sum(size for key, size in keys.items() if key in blob) for blob in blobs]
+
+
+def delegate_weights_in_load_order(path: Path) -> list[int]:
+    """``delegate_weight_bytes`` of forward's delegates, in the order the runtime initializes them."""
+    from executorch.exir.schema import DataLocation
+
+    program, _, base = read_program(path)
+    with Path(path).open("rb") as file:
+        def segment(index: int) -> bytes:
+            file.seek(base + program.segments[index].offset)
+            return file.read(program.segments[index].size)
+
+        blobs = [segment(d.processed.index) if d.processed.location == DataLocation.SEGMENT
+                 else program.backend_delegate_data[d.processed.index].data for d in forward_plan(program).delegates]
+    named = {entry.key: program.segments[entry.segment_index].size for entry in program.named_data or []}
+    return delegate_weight_bytes(blobs, named)
+
+
 def forward_plan(program):
     return next(plan for plan in program.execution_plan if plan.name == "forward")
 

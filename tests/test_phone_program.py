@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from gemma3n_executorch import checkpoint, lowering, memory_probe, parity, quantize
+from gemma3n_executorch import checkpoint, lowering, memory_probe, parity, program_file, quantize
 from gemma3n_executorch.options import PER_CHANNEL
 from gemma3n_executorch.runtime import Program
 from gemma3n_executorch.variants import BOS_ID, VARIANTS
@@ -81,6 +81,16 @@ def test_phone_program_error_against_fp32_is_no_worse_than_eager_quantization(
     assert program.relative_l2 <= peer.relative_l2 + parity.PEER_MARGIN, (program, peer)
     assert program.top1 >= peer.top1 - parity.PEER_MARGIN, (program, peer)
     assert program.relative_l2 > 0.05  # the weights really are quantized
+
+
+def test_phone_program_loads_its_largest_delegate_first(programs, tiny_models):
+    """The runtime packs delegates in the plan's order, each while its source pages are mapped: the
+    largest first, when nothing else is packed yet (lowering.largest_delegates_first). In graph
+    order the lm_head, the real model's largest, is computed, and was loaded, last."""
+    sizes = program_file.delegate_weights_in_load_order(programs.get("e2b", *PHONE_FLAGS))
+    config = tiny_models("e2b").config
+    assert len(sizes) > 2 and sizes == sorted(sizes, reverse=True)
+    assert sizes[0] >= config.vocab_size * config.hidden_size // 2  # the sizes are real: the 4-bit lm_head's, at least
 
 
 def test_phone_program_is_delegated_and_under_half_the_fp32_size(programs):
