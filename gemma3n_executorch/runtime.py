@@ -33,7 +33,8 @@ LOG_LINE_PREFIX = re.compile(r"^\[[\w.]+:\d+\] ")
 # torch's OpenMP worker spins for the next parallel region on a core the program's own thread pool
 # needs (7.5 CPU ms a token, docs/benchmarks.md, "Where decode time goes at depth"). This project's
 # attention kernel and XNNPACK run on ExecuTorch's thread pool, so a program using the kernel makes
-# its calls with one torch thread: 4-layer E2B-width program, AMD Zen 4, decode 1.37x. ExecuTorch's
+# its calls with one torch thread: 4-layer E2B-width program, AMD Zen 4, decode 1.3x (at full depth,
+# whose calls are three times longer, within the noise). ExecuTorch's
 # own attention kernel runs on torch's threads (one thread: decode 0.53x), so those programs keep them.
 TORCH_THREADS_BY_ATTENTION_KERNEL = {"gemma3n": 1}
 
