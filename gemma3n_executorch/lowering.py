@@ -182,17 +182,47 @@ def largest_delegates_first(program, named_data) -> None:
                     instruction.instr_args.delegate_index = position[instruction.instr_args.delegate_index]
 
 
+def gathered_tables_first(program) -> None:
+    """Put the tables forward gathers from at the front of the constant segment, largest first.
+
+    The constant segment starts on a page of the file (``emit`` aligns segments to
+    program_file.FILE_PAGE), so the first table's rows do too, and every row padded to whole pages
+    (quantize.page_row_columns) lies in the fewest pages. Gemma 3n's tables have 262144 rows, so
+    each ends on a page and the next starts on one."""
+    from executorch.exir.schema import KernelCall, Tensor
+
+    def tables(plan):
+        for chain in plan.chains:
+            for instruction in chain.instructions:
+                call = instruction.instr_args
+                if isinstance(call, KernelCall) and plan.operators[call.op_index].name in program_file.GATHER_KERNELS:
+                    yield plan.values[call.args[0]].val.data_buffer_idx
+
+    forward = next(plan for plan in program.execution_plan if plan.name == "forward")
+    first = sorted(set(tables(forward)), key=lambda index: -len(program.constant_buffer[index].storage))
+    # Buffer 0 is the empty placeholder of tensors that are not constants; it stays first.
+    order = [0] + first + [index for index in range(1, len(program.constant_buffer)) if index not in first]
+    position = {old: new for new, old in enumerate(order)}
+    program.constant_buffer = [program.constant_buffer[index] for index in order]
+    for plan in program.execution_plan:
+        for value in plan.values:
+            # A mutable buffer's data_buffer_idx indexes the initial states, not the constants.
+            if isinstance(value.val, Tensor) and value.val.allocation_info is None:
+                value.val.data_buffer_idx = position[value.val.data_buffer_idx]
+
+
 @contextlib.contextmanager
-def loading_largest_delegates_first():
+def laid_out_for_loading():
     """While the context lasts, ExecuTorch's serializer writes programs whose delegates are in
-    ``largest_delegates_first`` order (it is called between emission and serialization, inside
-    ``to_executorch``, which gives no hook there)."""
+    ``largest_delegates_first`` order and whose gathered tables are ``gathered_tables_first`` (it is
+    called between emission and serialization, inside ``to_executorch``, which gives no hook there)."""
     from executorch.exir.program import _program
 
     serialize = _program.serialize_for_executorch
 
     def reordered_then_serialized(emitter_output, config, data_serializer, named_data_store=None):
         largest_delegates_first(emitter_output.program, named_data_store)
+        gathered_tables_first(emitter_output.program)
         return serialize(emitter_output, config, data_serializer, named_data_store)
 
     _program.serialize_for_executorch = reordered_then_serialized
@@ -204,14 +234,16 @@ def loading_largest_delegates_first():
 
 def emit(edge, quantized_embeddings: bool = False, initialized_buffers: tuple = ()):
     """ExecuTorch's memory planning and emission of a ``delegate``d program, its delegates in the
-    order that loads them in the least memory."""
-    with loading_largest_delegates_first():
+    order that loads them in the least memory, its gathered tables' rows on the fewest pages."""
+    with laid_out_for_loading():
         return edge.to_executorch(
             ExecutorchBackendConfig(
                 # Turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
                 # Only then: its constant folding would also store a transposed copy of a float lm_head.
                 do_quant_fusion_and_const_prop=quantized_embeddings,
                 extract_delegate_segments=True,
+                # Segments on pages: the constant segment's first table and its rows (gathered_tables_first).
+                segment_alignment=program_file.FILE_PAGE,
                 # Mutable buffers otherwise start with whatever the runtime's memory holds.
                 passes=[InitializedMutableBufferPass(list(initialized_buffers))] if initialized_buffers else [],
                 # Inputs come from the caller's buffers; planning them would copy every call.

@@ -21,6 +21,10 @@ from . import preflight
 # Gemma3nTextModel.get_per_layer_inputs) the per-layer embedding table; the program keeps that order.
 TABLE_NAMES = ("token_embedding", "per_layer_embedding")
 PAGE = os.sysconf("SC_PAGE_SIZE")
+# The page the file's layout is made for: its segments start on one, the gathered tables first in
+# the constant segment, and a table's rows padded to whole ones where that is cheap (quantize.py).
+# Android's and x86 Linux's 4 KiB; a row aligned to it lies in one 16 KiB page too.
+FILE_PAGE = 4096
 MADV_RANDOM = mmap.MADV_RANDOM
 PROC_MAPS = "/proc/self/maps"
 # The kernels of --quantize-embeddings 4w, 8w and none.
@@ -63,6 +67,12 @@ class Layout:
     tables: dict[str, Table]
     initialized_state_bytes: int  # initial values of mutable buffers, copied into planned memory at load
     segment_alignment: int  # the largest power of two every segment's file offset is a multiple of
+
+    @property
+    def stored_bytes(self) -> int:
+        """What the file holds less the padding that starts each segment on a page."""
+        return (self.flatbuffer.size + (self.constant_segment.size if self.constant_segment else 0)
+                + sum(r.size for r in self.delegate_blobs + self.named_data))
 
     def record(self) -> dict:
         """The layout as JSON-ready figures."""

@@ -7,7 +7,10 @@ own LLM quantizer (``quantize_model_``).
   Laurel's rank-64 up-projection: a few thousand parameters per layer); per channel, those with
   fewer than ``MIN_PER_CHANNEL_INPUTS`` inputs do.
 * ``--quantize-embeddings`` covers the token embedding and the per-layer embedding table, which are
-  only gathered, one row per token. Their rows get one scale each.
+  only gathered, one row per token. Their rows get one scale each. A table whose quantized rows fall
+  a little short of whole file pages is stored with zero columns up to them and gathered through
+  ``PageRowEmbedding``, which keeps the real columns: the values are the same, and each row is read
+  from the fewest pages (E2B's per-layer table at 4 bits: 3840 -> 4096 bytes a row).
 * The lm_head is tied to the token embedding: when embeddings are quantized it gets the same
   quantization, bit width and one scale per row, so the one matrix is not int4 at the input and
   float at the output; otherwise it follows ``--quantize``.
@@ -28,6 +31,7 @@ import torch
 from torch import nn
 
 from .options import PER_CHANNEL, XNNPACK_GROUP_MULTIPLE
+from .program_file import FILE_PAGE
 from .progress import log, release_freed_memory
 
 EMBEDDING_GROUP_SIZE = PER_CHANNEL  # one scale per row: the per-layer table's rows are 7680 wide (E2B)
@@ -37,6 +41,34 @@ MIN_PER_CHANNEL_INPUTS = 32  # AltUp's stream mixers have 4 inputs, each a whole
 # 2 B-value per-layer table); every scale covers part of one row, so row blocks give the same
 # result in bounded memory.
 ROWS_PER_BLOCK = 16384
+# A gathered row that starts a page is read from ceil(bytes / page) pages; one of 3840 bytes at any
+# 16-byte offset, from two pages 7 times in 8. Rows are padded to whole pages where that stores at
+# most an eighth more (E2B's per-layer table at 4 bits; not E4B's 4480-byte rows, which would nearly double).
+MAX_ROW_PADDING = 1 / 8
+EMBEDDING_BITS = {"4w": 4, "8w": 8}
+
+
+def page_row_columns(columns: int, bits: int) -> int:
+    """The columns a quantized table's row is stored with: ``columns``, or padded to whole pages."""
+    row_bytes = columns * bits // 8
+    padded = -(-row_bytes // FILE_PAGE) * FILE_PAGE
+    return padded * 8 // bits if padded - row_bytes <= row_bytes * MAX_ROW_PADDING else columns
+
+
+class PageRowEmbedding(nn.Module):
+    """Gemma 3n's scaled embedding over rows stored with zero columns after the real ones (see
+    page_row_columns): gathers whole stored rows, keeps the first ``columns``, then scales, as
+    Gemma3nTextScaledWordEmbedding does."""
+
+    def __init__(self, table: nn.Embedding, columns: int):
+        super().__init__()
+        self.weight = table.weight
+        self.columns = columns
+        self.register_buffer("embed_scale", table.embed_scale, persistent=False)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = nn.functional.embedding(input_ids, self.weight)[..., :self.columns]
+        return rows * self.embed_scale.to(self.weight.dtype)
 
 
 def quantize_model(module: nn.Module, **config) -> None:
@@ -61,12 +93,16 @@ class HeldWeights:
         pass
 
 
-def in_row_blocks(module: nn.Module, dtype: torch.dtype, quantize_one, weights=HeldWeights) -> None:
+def in_row_blocks(module: nn.Module, dtype: torch.dtype, quantize_one, weights=HeldWeights,
+                  stored_columns: int | None = None) -> None:
     """Quantize a large nn.Embedding / nn.Linear block by block of rows, each cast to ``dtype``,
-    and reassemble torchao's tensor; ``quantize_one(module)`` quantizes a module in place."""
+    and reassemble torchao's tensor; ``quantize_one(module)`` quantizes a module in place.
+    ``stored_columns``: the quantized rows get zero columns up to that width (each row has its own
+    scales, so the real columns quantize as without them)."""
     from torchao.quantization.quantize_.workflows.intx.intx_unpacked_to_int8_tensor import IntxUnpackedToInt8Tensor
 
-    rows = module.weight.shape[0]
+    rows, columns = module.weight.shape
+    stored_columns = stored_columns or columns
     joined, template = {}, None
     for start in range(0, rows, ROWS_PER_BLOCK):
         block = weights.rows(module.weight, start, min(rows, start + ROWS_PER_BLOCK)).to(dtype)
@@ -78,7 +114,7 @@ def in_row_blocks(module: nn.Module, dtype: torch.dtype, quantize_one, weights=H
         quantize_one(piece)
         quantized = piece.weight
         if template is None:
-            if len(block) == rows:
+            if len(block) == rows and stored_columns == columns:
                 module.weight = nn.Parameter(quantized.data, requires_grad=False)
                 return
             template = quantized
@@ -86,14 +122,23 @@ def in_row_blocks(module: nn.Module, dtype: torch.dtype, quantize_one, weights=H
         # at the end (torch.cat) held the table's quantized data twice (E2B's per-layer table: 2 GB).
         for name in type(quantized).tensor_data_names:  # qdata, scale, zero_point
             part = getattr(quantized, name)
+            if name == "qdata":
+                if name not in joined:
+                    joined[name] = part.new_zeros((rows, stored_columns))
+                joined[name][start:start + len(block), :columns] = part
+                continue
             if name not in joined:
-                joined[name] = part.new_empty((rows, *part.shape[1:]))  # scales too: one row of them a row
+                joined[name] = part.new_empty((rows, *part.shape[1:]))  # one row of scales a row
             joined[name][start:start + len(block)] = part
         del quantized, piece
         release_freed_memory()  # each block's freed temporaries, before the next block's
     # torchao 0.18 implements no torch.cat for its tensor: its constructor, by keyword as its from_hp calls it.
+    block_size = template.block_size
+    if stored_columns != columns:
+        assert block_size[1] == columns, "zero columns need one scale a row"
+        block_size = (block_size[0], stored_columns)
     module.weight = nn.Parameter(IntxUnpackedToInt8Tensor(
-        **joined, target_dtype=template.target_dtype, block_size=template.block_size, dtype=template.dtype,
+        **joined, target_dtype=template.target_dtype, block_size=block_size, dtype=template.dtype,
         activation_quantization=template.activation_quantization), requires_grad=False)
 
 
@@ -160,13 +205,18 @@ def _quantize(model: nn.Module, linear: str, embeddings: str, group_size: int, d
     if linear != "none":  # first: it frees most of the weights before the big tables
         skipped = quantize_linears(decoder, linear, group_size, dtype, weights)
     if embeddings != "none":
-        for table in (decoder.embed_tokens, decoder.embed_tokens_per_layer):
+        for name in ("embed_tokens", "embed_tokens_per_layer"):
+            table = getattr(decoder, name)
             # padding_idx only matters for training, but ExecuTorch's pass that turns torchao's
             # dequantize + embedding into its quantized embedding kernels only matches embeddings
             # without one; Gemma 3n's have padding_idx 0.
             table.padding_idx = None
+            columns = table.weight.shape[1]
+            stored = page_row_columns(columns, EMBEDDING_BITS[embeddings])
             in_row_blocks(table, dtype, lambda piece: quantize_model(
-                piece, qembedding_config=embeddings, qembedding_group_size=EMBEDDING_GROUP_SIZE), weights)
+                piece, qembedding_config=embeddings, qembedding_group_size=EMBEDDING_GROUP_SIZE), weights, stored)
+            if stored != columns:
+                setattr(decoder, name, PageRowEmbedding(table, columns))
         head_scheme, head_group = LM_HEAD_SCHEME[embeddings], EMBEDDING_GROUP_SIZE
     else:
         head_scheme, head_group = linear, group_size

@@ -3,17 +3,18 @@ against Hugging Face eager: the same torchao quantization run eagerly, and unqua
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
 import torch
 
-from gemma3n_executorch import checkpoint, lowering, memory_probe, parity, program_file, quantize
+from gemma3n_executorch import checkpoint, exporter, lowering, memory_probe, options, parity, program_file, quantize
 from gemma3n_executorch.options import PER_CHANNEL
 from gemma3n_executorch.runtime import Program
 from gemma3n_executorch.variants import BOS_ID, VARIANTS
 from tests.conftest import run
-from tests.test_kv_generation import FP32_WEIGHTS, KV_FLAGS, LENGTHS, PHONE_FLAGS
+from tests.test_kv_generation import CHUNK, CONTEXT, FP32_WEIGHTS, KV_FLAGS, LENGTHS, PHONE_FLAGS
 
 SEQUENCE = parity.probe_tokens(96, 512, BOS_ID)  # 96 > 2 x the sliding window of 16
 
@@ -93,6 +94,49 @@ def test_phone_program_loads_its_largest_delegate_first(programs, tiny_models):
     assert sizes[0] >= config.vocab_size * config.hidden_size // 2  # the sizes are real: the 4-bit lm_head's, at least
 
 
+def wide_per_layer_variant():
+    """The tiny E2B with per-layer inputs as wide in all as the real E2B's (7680 columns: 3840 bytes a
+    row at 4 bits), so its per-layer table's rows are padded to whole pages (quantize.page_row_columns)."""
+    variant = VARIANTS["e2b"]
+    layers = variant.tiny_config["num_hidden_layers"]
+    return dataclasses.replace(variant, tiny_config=dict(variant.tiny_config,
+                                                         hidden_size_per_layer_input=7680 // layers))
+
+
+def test_per_layer_table_rows_padded_to_pages_keep_their_values():
+    """Zero columns after the quantized rows change no value: the eager model quantized with and
+    without them gives the same logits, bit for bit."""
+    variant = wide_per_layer_variant()
+    padded, plain = checkpoint.build_tiny(variant), checkpoint.build_tiny(variant)
+    quantize.apply(padded, "8da4w", "4w", 32, torch.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(quantize, "MAX_ROW_PADDING", -1.0)  # never pad
+        quantize.apply(plain, "8da4w", "4w", 32, torch.float32)
+    assert isinstance(padded.model.embed_tokens_per_layer, quantize.PageRowEmbedding)
+    assert padded.model.embed_tokens_per_layer.weight.shape[1] == 2 * program_file.FILE_PAGE
+    assert not isinstance(plain.model.embed_tokens_per_layer, quantize.PageRowEmbedding)
+    assert torch.equal(eager(padded), eager(plain))
+
+
+def test_per_layer_table_rows_lie_on_whole_pages_of_the_program(tmp_path):
+    """The program stores each padded row on one page of its file (the table first in a page-aligned
+    constant segment: lowering.gathered_tables_first), and computes what the same quantization run
+    eagerly does."""
+    variant = wide_per_layer_variant()
+    path = tmp_path / "wide.pte"
+    recipe = options.resolve(options.KV, None, None, None, None, 32, "tiny", CHUNK, CONTEXT)
+    exporter.export_program(variant, recipe, path,
+                            loaded=checkpoint.LoadedModel(checkpoint.build_tiny(variant), "tiny", None))
+    tables = program_file.layout(path).tables
+    assert tables["per_layer_embedding"].row_bytes == program_file.FILE_PAGE
+    assert tables["per_layer_embedding"].weight.start % program_file.FILE_PAGE == 0
+    assert tables["token_embedding"].row_bytes == variant.tiny_config["hidden_size"] // 2  # not padded
+    reference = checkpoint.build_tiny(variant)
+    quantize.apply(reference, "8da4w", "4w", 32, torch.float32)
+    agreement = parity.compare(teacher_forced(path), eager(reference))
+    assert agreement.within(parity.tolerance_for("fp32", "8da4w", "4w")), agreement
+
+
 def test_phone_program_is_delegated_and_under_half_the_fp32_size(programs):
     log = programs.log("e2b", *PHONE_FLAGS)
     assert "xnnpack:" in log
@@ -105,7 +149,8 @@ def test_phone_program_is_delegated_and_under_half_the_fp32_size(programs):
     phone = programs.get("e2b", *PHONE_FLAGS)
     # Tiny widths keep the floating-point layers (norm scales, AltUp's small matrices) a large
     # share, so the ratio is far from the real model's 7x; any unquantized table would undo it.
-    assert phone.stat().st_size < fp32.stat().st_size / 2
+    # Stored bytes: the tiny phone program's ~100 segments start on pages, padding a few hundred KB.
+    assert program_file.layout(phone).stored_bytes < program_file.layout(fp32).stored_bytes / 2
 
 
 @pytest.mark.parametrize("method", ["predict", "correct"])
