@@ -26,7 +26,7 @@ from executorch.exir.passes.init_mutable_pass import InitializedMutableBufferPas
 from executorch.exir.passes.sym_shape_eval_pass import ConstraintBasedSymShapeEvalPass
 
 from . import lowering_shortcuts, program_file
-from .progress import UserError, log
+from .progress import UserError, log, raise_dropped_interrupt
 
 
 def partitioners(backend: str) -> list:
@@ -302,6 +302,7 @@ def write_together(files: dict[Path, Callable[[BinaryIO], None] | None]) -> None
         # program never appears beside another export's tokenizer.
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
         try:
+            raise_dropped_interrupt()
             for path, write in files.items():
                 if write is None:
                     path.unlink(missing_ok=True)

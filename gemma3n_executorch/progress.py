@@ -32,10 +32,33 @@ def _terminate(signum, frame):
     raise Terminated
 
 
+_dropped_interrupt: BaseException | None = None
+
+
+def _keep_dropped_interrupts(unraisable) -> None:
+    """Python prints and drops an exception raised in a finalizer or a weakref callback: a Ctrl-C
+    landing in one (lowering runs many) would be lost and the export run to its end. Keep it for
+    the end of the stage instead; anything else is reported as Python would."""
+    global _dropped_interrupt
+    if isinstance(unraisable.exc_value, (KeyboardInterrupt, Terminated)):
+        _dropped_interrupt = unraisable.exc_value
+    else:
+        sys.__unraisablehook__(unraisable)
+
+
+def raise_dropped_interrupt() -> None:
+    """Raise the Ctrl-C or SIGTERM that Python dropped since the last call, if any."""
+    global _dropped_interrupt
+    if _dropped_interrupt is not None:
+        interrupt, _dropped_interrupt = _dropped_interrupt, None
+        raise interrupt.with_traceback(None)
+
+
 def run_cli(body: Callable[[], int]) -> int:
     """A command's body with its one-line endings: a UserError prints ``error: ...`` and exits with
     its code; Ctrl-C exits 130 and SIGTERM 143, each with one line instead of a traceback."""
     signal.signal(signal.SIGTERM, _terminate)
+    sys.unraisablehook = _keep_dropped_interrupts
     try:
         return body()
     except UserError as error:
@@ -126,6 +149,7 @@ class StageTimer:
         own_peak = restart_peak_rss()
         began = time.perf_counter()
         yield
+        raise_dropped_interrupt()
         elapsed = time.perf_counter() - began
         self.seconds[name] = self.seconds.get(name, 0.0) + elapsed
         stage_peak = f"stage peak {gib(memory_status('VmHWM')['VmHWM'])}, " if own_peak else ""
