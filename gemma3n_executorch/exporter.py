@@ -107,26 +107,30 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
     del module
     loaded.model = None  # the exported program holds the weights now; the delegates will hold them next
     # Weights this export read from files are held by nothing else: each is freed once serialized.
-    releasing = lowering_shortcuts.releasing(exported) if loaded.weights is not None else contextlib.nullcontext()
-    with timer.stage("lower"), lowering_shortcuts.enabled() as shortcuts, releasing:
-        edge, delegation = lowering.delegate(exported, options.backend, info.constant_methods(), verbose)
-        del exported
-        release_freed_memory()  # what the delegates took (the quantized weights: E2B's 5 GB) is free now
-        program = lowering.emit(edge, options.embeddings != "none", initialized_buffers)
-        del edge
-        released = shortcuts["weight bytes released"]
-    if released:
-        phases = ", ".join(f"{human_bytes(shortcuts[f'weight bytes released {phase}'])} once {phase}"
-                           for phase in lowering_shortcuts.RELEASE_PHASES)
-        log(f"  {human_bytes(released)} of weights freed as soon as the program held them ({phases})")
-    with timer.stage("serialize"):
-        tokenizer, template = companion_files(loaded)
-        lowering.write_together({
-            output: program.write_to_file,
-            tokenizer_path_for(output): writer(tokenizer),
-            chat_template_path_for(output): writer(template),
-        })
-        size = output.stat().st_size
+    releasing = (lowering_shortcuts.releasing(exported, frozenset(loaded.weights.mapped)) if loaded.weights is not None
+                 else contextlib.nullcontext())
+    with lowering_shortcuts.constants_on_disk(existing_directory_of(output)) as on_disk:
+        with timer.stage("lower"), lowering_shortcuts.enabled() as shortcuts, releasing:
+            edge, delegation = lowering.delegate(exported, options.backend, info.constant_methods(), verbose)
+            del exported
+            release_freed_memory()  # what the delegates took (the quantized weights: E2B's 5 GB) is free now
+            program = lowering.emit(edge, options.embeddings != "none", initialized_buffers)
+            del edge
+            released, on_disk_bytes = shortcuts["weight bytes released"], shortcuts["constant bytes kept on disk"]
+        if released:
+            phases = ", ".join(f"{human_bytes(shortcuts[f'weight bytes released {phase}'])} once {phase}"
+                               for phase in lowering_shortcuts.RELEASE_PHASES)
+            log(f"  {human_bytes(released)} of weights freed as soon as the program held them ({phases})")
+        if on_disk_bytes:
+            log(f"  {human_bytes(on_disk_bytes)} of the program's constants kept on disk until it is written")
+        with timer.stage("serialize"):
+            tokenizer, template = companion_files(loaded)
+            lowering.write_together({
+                output: on_disk.writing(program.write_to_file),
+                tokenizer_path_for(output): writer(tokenizer),
+                chat_template_path_for(output): writer(template),
+            })
+            size = output.stat().st_size
     if tokenizer is None:
         log(f"  warning: {loaded.directory} has no tokenizer.json; none written beside the program")
     return {
@@ -135,7 +139,14 @@ def export_program(variant: Variant, options: ExportOptions, output: Path, timer
         "delegation": {k: v for k, v in delegation.items() if k != "table"},
         "tokenizer": str(tokenizer_path_for(output)) if tokenizer is not None else None, "peak_rss_bytes": peak_rss_bytes(),
         "seconds": dict(timer.seconds), "total_seconds": timer.total, "released_bytes": released,
+        "constant_bytes_on_disk": on_disk_bytes,
     }
+
+
+def existing_directory_of(output: Path) -> Path:
+    """Where the program's scratch file goes: the output's directory, or the nearest of its parents
+    that exists yet (write_together makes the rest), so on the output's file system."""
+    return next(directory for directory in output.absolute().parents if directory.is_dir())
 
 
 # A warning, not a refusal: a tablet or a desktop may have the memory. fp32 E2B at 32768 positions: 0.58 GB.

@@ -40,6 +40,10 @@ And three through its memory:
   use is made a block at a time, each block's pages of the weight given back as soon as copied:
   otherwise the largest weight existed twice at that moment (E2B's bf16 per-layer table: 4.0 GB
   over the 8.8 GB the fixed program's weights take).
+* The emitter's copies of the constants were all held until the file was written (a portable
+  program whole: E4B in bf16, 12.7 GiB). Inside ``constants_on_disk`` they wait in a scratch file
+  instead (constants_on_disk.py), and a weight that is a mapping of its checkpoint's file gives its
+  pages back once copied.
 """
 
 from __future__ import annotations
@@ -48,19 +52,23 @@ import builtins
 import contextlib
 import copy
 import ctypes
+import hashlib
 import mmap
 import sys
 import types
 import warnings
 from collections import Counter
+from pathlib import Path
 
 import torch
+
+from .constants_on_disk import ConstantsOnDisk
 
 TORCHAO_QUANT_OPS = ("choose_qparams_affine", "quantize_affine", "dequantize_affine")
 
 _library = None  # the overriding registrations last as long as this Library object
-_state = {"lowering": 0, "passes": 0, "shapes": None, "counts": None, "releasable": set(),
-          "partition uses": Counter(), "moving": None}
+_state = {"lowering": 0, "passes": 0, "shapes": None, "counts": None, "releasable": set(), "mapped": set(),
+          "partition uses": Counter(), "copying": None, "on disk": None}
 # madvise, where the C library has it (Linux, macOS); elsewhere weights are copied whole.
 _madvise = getattr(ctypes.CDLL(None), "madvise", None) if sys.platform != "win32" else None
 
@@ -232,59 +240,105 @@ def _storage_uses(program) -> Counter:
 
 
 @contextlib.contextmanager
-def releasing(program):
+def releasing(program, mapped: frozenset[int] = frozenset()):
     """While lowering ``program`` (inside ``enabled()``), free each weight once it is serialized
     where it is used last. Only weights whose memory no other tensor of the program shares (a tied
     embedding and lm_head stay); the caller must hold no other reference it will read: ``program``
-    and its edge dialect form are unusable afterwards, the lowered program is whole."""
+    and its edge dialect form are unusable afterwards, the lowered program is whole. ``mapped``:
+    the addresses of weights that are private mappings of a checkpoint's file, whose pages are
+    given back once copied (they would read from the file again)."""
     holders = _storage_uses(program)
     _state["releasable"] = {key for key, count in holders.items() if count == 1 and key}
+    _state["mapped"] = set(mapped)
     try:
         yield
     finally:
-        _state["releasable"] = set()
+        _state["releasable"], _state["mapped"] = set(), set()
+
+
+@contextlib.contextmanager
+def constants_on_disk(directory: Path):
+    """While the context lasts, the emitter's copies of constants from ``SPILL_MIN_BYTES`` go to a
+    scratch file in ``directory`` (constants_on_disk.py); write the program with ``disk.writing``."""
+    disk = ConstantsOnDisk(directory, SPILL_MIN_BYTES)
+    _state["on disk"] = disk
+    try:
+        yield disk
+    finally:
+        _state["on disk"] = None
+        disk.close()
 
 
 RELEASE_PHASES = ("packed", "folded", "emitted")  # when a weight's last use was serialized
 MOVE_MIN_BYTES = 1 << 24  # weights from this size are moved into the emitter's copy a block at a time
 MOVE_BLOCK_BYTES = 1 << 26  # at most this much of a weight exists twice while it is moved
+SPILL_MIN_BYTES = 1 << 20  # constants from this size wait on disk for the program's file (constants_on_disk)
 
 
-def _moved_into_bytes(storage: torch.UntypedStorage) -> bytes:
+def _copied_out(storage: torch.UntypedStorage, give_back: bool, disk: ConstantsOnDisk | None) -> bytes:
     """The storage's bytes, copied a block at a time into a new bytes object (zero pages until
-    written), the storage's pages given back to the system as soon as copied (they read as zeros
-    after): the storage is freed next."""
+    written), or into ``disk``'s scratch file with a stand-in returned; with ``give_back``, the
+    storage's pages go back to the system as soon as copied (they read as zeros after, or from the
+    file for a mapped weight): the storage is freed, or not read, next."""
     size, source = storage.nbytes(), storage.data_ptr()
-    result = builtins.bytes(size)
-    target = ctypes.cast(ctypes.c_char_p(result), ctypes.c_void_p).value  # a new object: no one has seen it yet
+    if disk is None:
+        result = builtins.bytes(size)
+        target = ctypes.cast(ctypes.c_char_p(result), ctypes.c_void_p).value  # a new object: no one has seen it yet
+    else:
+        spilling = disk.begin(size)
     given_back = -(-source // mmap.PAGESIZE) * mmap.PAGESIZE  # whole pages only
     for offset in range(0, size, MOVE_BLOCK_BYTES):
         length = min(MOVE_BLOCK_BYTES, size - offset)
-        ctypes.memmove(target + offset, source + offset, length)
+        if disk is None:
+            ctypes.memmove(target + offset, source + offset, length)
+        else:
+            spilling.write((ctypes.c_char * length).from_address(source + offset))
         copied_pages_end = (source + offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
-        if copied_pages_end > given_back:
+        if give_back and copied_pages_end > given_back:
             _madvise(ctypes.c_void_p(given_back), ctypes.c_size_t(copied_pages_end - given_back), mmap.MADV_DONTNEED)
             given_back = copied_pages_end
+    if disk is not None:
+        _state["counts"]["constant bytes kept on disk"] += size
+        return spilling.stand_in()
     _state["counts"]["weights moved a block at a time"] += 1
     return result
 
 
-def _bytes_moving_last_uses(*args, **kwargs):
-    """``bytes`` as the emitter sees it: its copy of a constant whose memory is freed right after
-    (``_state["moving"]``) is moved a block at a time; any other call is the builtin's."""
-    storage = _state["moving"]
-    if (storage is not None and len(args) == 1 and not kwargs and isinstance(args[0], ctypes.Array)
-            and ctypes.addressof(args[0]) == storage.data_ptr() and ctypes.sizeof(args[0]) == storage.nbytes()):
-        return _moved_into_bytes(storage)
+def _emitter_bytes(*args, **kwargs):
+    """``bytes`` as the emitter sees it: its copy of the constant in ``_state["copying"]`` goes
+    through ``_copied_out``; any other call is the builtin's."""
+    copying = _state["copying"]
+    if copying is not None:
+        storage, give_back, disk = copying
+        if (len(args) == 1 and not kwargs and isinstance(args[0], ctypes.Array)
+                and ctypes.addressof(args[0]) == storage.data_ptr() and ctypes.sizeof(args[0]) == storage.nbytes()):
+            return _copied_out(storage, give_back, disk)
     return builtins.bytes(*args, **kwargs)
+
+
+def _emitter_sha256(data=b""):
+    """The emitter's hash of a constant: of its real bytes when it waits on disk."""
+    disk = _state["on disk"]
+    return disk.sha256(data) if disk is not None else hashlib.sha256(data)
 
 
 def _free(key: int, storage: torch.UntypedStorage, phase: str) -> None:
     _state["releasable"].remove(key)  # each address once: a tensor made later may be given it
-    if storage.resizable():  # not memory torch borrowed (from numpy, say): that stays
+    mapped = key in _state["mapped"] and _madvise is not None
+    if storage.resizable() or mapped:  # not memory torch borrowed (from numpy, say): that stays
         _state["counts"]["weight bytes released"] += storage.nbytes()
         _state["counts"][f"weight bytes released {phase}"] += storage.nbytes()
-        storage.resize_(0)
+        if mapped:  # its pages would be read from the file again
+            _give_back(storage.data_ptr(), storage.data_ptr() + storage.nbytes())
+        else:
+            storage.resize_(0)
+
+
+def _give_back(start: int, end: int) -> None:
+    """The whole pages between the two addresses back to the system."""
+    first, last = -(-start // mmap.PAGESIZE) * mmap.PAGESIZE, end // mmap.PAGESIZE * mmap.PAGESIZE
+    if last > first:
+        _madvise(ctypes.c_void_p(first), ctypes.c_size_t(last - first), mmap.MADV_DONTNEED)
 
 
 def _used_once_more(uses, storages: dict[int, torch.UntypedStorage], phase: str) -> None:
@@ -431,25 +485,37 @@ def _install() -> None:
 
     def emit_then_release(self, spec, *args, **kwargs):
         program = getattr(self, "exported_program", None)  # the top level's emitter
-        if not (_state["lowering"] and _state["releasable"] and spec.const and spec.storage is not None and program):
+        disk = _state["on disk"]
+        if not (_state["lowering"] and (_state["releasable"] or disk) and spec.const and spec.storage is not None
+                and program):
             return tensor_spec_to_evalue(self, spec, *args, **kwargs)
         if not hasattr(self, "weight_uses"):
             self.weight_uses = _storage_uses(program)
-        key = spec.storage.data_ptr()
-        if key not in self.weight_uses:  # a copy the emitter made
-            return tensor_spec_to_evalue(self, spec, *args, **kwargs)
-        last = (self.weight_uses[key] == 1 and key in _state["releasable"] and spec.storage.resizable()
-                and spec.storage.nbytes() >= MOVE_MIN_BYTES and _madvise is not None)
-        _state["moving"] = spec.storage if last else None
+        key, size = spec.storage.data_ptr(), spec.storage.nbytes()
+        weight = key in self.weight_uses  # else a copy the emitter made
+        last = (weight and self.weight_uses[key] == 1 and key in _state["releasable"] and _madvise is not None
+                and ((spec.storage.resizable() and size >= MOVE_MIN_BYTES) or key in _state["mapped"]))
+        # Initial states of mutable buffers stay: the serializer reads them from another list.
+        if disk is None or size < disk.min_bytes or spec.mem_id is not None:
+            disk = None
+        _state["copying"] = (spec.storage, last, disk) if last or disk else None
+        kept_before = len(self.program_state.constant_buffer)
+        if disk is not None:
+            disk.latest = None
         try:
             value = tensor_spec_to_evalue(self, spec, *args, **kwargs)
         finally:
-            _state["moving"] = None
-        _used_once_more(self.weight_uses, {key: spec.storage}, "emitted")  # its bytes are in the program now
+            _state["copying"] = None
+        if disk is not None and len(self.program_state.constant_buffer) == kept_before:
+            disk.forget_latest()  # the same bytes were stored before: this stand-in is in no program
+        if weight:
+            _used_once_more(self.weight_uses, {key: spec.storage}, "emitted")  # its bytes are in the program now
         return value
 
     _Emitter._tensor_spec_to_evalue = emit_then_release
-    _emitter.bytes = _bytes_moving_last_uses  # the one name the emitter copies a constant with
+    # The two names the emitter copies and hashes a constant with.
+    _emitter.bytes = _emitter_bytes
+    _emitter.hashlib = types.SimpleNamespace(sha256=_emitter_sha256)
     _library = library
 
 

@@ -10,6 +10,10 @@ export never holds more of the checkpoint than one matrix or one row block.
 
 The files are read with plain reads, not mapped: pages of a mapped checkpoint stay in the
 process's resident set until it is unmapped, which would count the whole file against the peak.
+Except for a weight kept whole as stored (a bf16 program's): that one is a private mapping of its
+file, resident only as read, and lowering gives its pages back once its bytes are in the program
+(they would be read from the file again; lowering_shortcuts.releasing), while the program's copy
+waits on disk (constants_on_disk.py): a portable bf16 export never holds its weights in memory.
 A MatFormer slice (slicing.py) is cut from each tensor as it is read: no copy of the full model
 exists either. The result is the same program, byte for byte, as Hugging Face's loader gives
 (tests/test_loading.py), and the same checks refuse a checkpoint that does not fit its config.
@@ -21,6 +25,7 @@ import contextlib
 import ctypes
 import json
 import math
+import mmap
 import re
 import shutil
 import struct
@@ -102,6 +107,16 @@ def read_rows(stored: StoredTensor, start: int | None = None, stop: int | None =
     return tensor
 
 
+def mapped_rows(stored: StoredTensor) -> torch.Tensor:
+    """The stored tensor as a private (copy-on-write) mapping of its file."""
+    count = math.prod(stored.shape)
+    start = stored.offset // mmap.ALLOCATIONGRANULARITY * mmap.ALLOCATIONGRANULARITY
+    with stored.path.open("rb") as file:
+        mapping = mmap.mmap(file.fileno(), stored.offset - start + count * stored.dtype.itemsize, offset=start,
+                            access=mmap.ACCESS_COPY)
+    return torch.frombuffer(mapping, dtype=stored.dtype, count=count, offset=stored.offset - start).view(stored.shape)
+
+
 def stored_tensors(model: str, directory: Path) -> dict[str, StoredTensor]:
     """Every tensor of the checkpoint, under the text model's names (both layouts)."""
     found = {}
@@ -151,6 +166,7 @@ class StoredWeights:
         self.ffn = list(model.config.intermediate_size) if cut is not None else None
         self.per_layer = model.config.hidden_size_per_layer_input
         self.sliced = cut is not None
+        self.mapped: set[int] = set()  # addresses of the weights read as mappings of their files
         # By identity: lm_head.weight is embed_tokens.weight (named so, first) until one of them is replaced.
         self.names = {id(p): self.full_name(name) for name, p in model.named_parameters()}
 
@@ -165,7 +181,12 @@ class StoredWeights:
         """The parameter's value (rows ``start:stop`` if given: only for tensors a slice cuts by
         columns or not at all, the tables read in row blocks)."""
         name = self.names[id(parameter)]
-        tensor = read_rows(self.stored[name], start, stop)
+        stored = self.stored[name]
+        if start is None and not self.sliced and stored.dtype == self.dtype and math.prod(stored.shape):
+            tensor = mapped_rows(stored)  # kept as stored, whole
+            self.mapped.add(tensor.untyped_storage().data_ptr())
+            return tensor
+        tensor = read_rows(stored, start, stop)
         if self.sliced:
             if start is not None and name.endswith(("mlp.gate_proj.weight", "mlp.up_proj.weight", "per_layer_model_projection.weight")):
                 raise ValueError(f"{name}: a slice cuts its rows; read it whole")

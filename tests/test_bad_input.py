@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from gemma3n_executorch import lowering, progress
+from gemma3n_executorch.constants_on_disk import ConstantsOnDisk
 from gemma3n_executorch.progress import UserError
 from tests.conftest import REPO, run
 
@@ -382,3 +383,18 @@ def test_disk_full_while_writing_the_program_keeps_the_previous_files(programs, 
     assert program.read_bytes() == b"previous program" and tokenizer.read_bytes() == b"previous tokenizer"
     assert sorted(p.name for p in small_filesystem.iterdir()) == ["m.pte", "m.tokenizer.json"]
     assert os.statvfs(small_filesystem).f_bfree == free
+
+
+def test_disk_full_while_the_constants_wait_on_disk_is_one_line_and_leaves_nothing(small_filesystem):
+    """The emitter's copies of the constants go to a scratch file beside the output (as large as
+    the program): a disk that fills up is the user's to fix, said in one line."""
+    free = os.statvfs(small_filesystem).f_bfree
+    disk = ConstantsOnDisk(small_filesystem, min_bytes=1)
+    with pytest.raises(UserError) as raised:
+        disk.begin(1 << 20).write(bytes(1 << 20))
+    assert str(raised.value) == (
+        f"cannot keep the program's constants in {small_filesystem} while exporting: No space left on device; the "
+        "export needs about the program's size free there besides the program itself: free some space or choose "
+        "another --output")
+    disk.close()
+    assert list(small_filesystem.iterdir()) == [] and os.statvfs(small_filesystem).f_bfree == free

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gemma3n_executorch import checkpoint, exporter, quantize, stored_weights
+from gemma3n_executorch import checkpoint, exporter, lowering_shortcuts, program_file, quantize, stored_weights
 from gemma3n_executorch.progress import UserError
 from gemma3n_executorch.variants import VARIANTS
 from tests.checkpoints import write_multimodal, write_text_only
@@ -164,18 +164,25 @@ def test_checkpoint_of_the_other_variant_is_refused(loader, tmp_path, tiny_model
 @pytest.mark.parametrize("variant, flags", [
     ("e2b", ("--quantize", "int8")),
     ("e4b", ("--seq-len", "8", *CUSTOM)),
-], ids=["fixed-int8", "fixed-slice"])
-def test_export_reading_each_weight_as_it_quantizes_writes_the_same_program(tmp_path, variant, flags):
+    ("e4b", ("--seq-len", "8")),
+], ids=["fixed-int8", "fixed-slice", "fixed-bf16"])
+def test_export_reading_each_weight_as_it_quantizes_writes_the_same_program(tmp_path, monkeypatch, variant, flags):
     """The exporter builds the model without weights and reads each from the files only when it
-    quantizes or casts it (a slice cut as it is read), so that not even the bf16 model is held whole
-    (E4B: 13.6 GB): the program must be the one Hugging Face's loader gives, byte for byte. A bf16
-    checkpoint in the published layout: towers, and K/V projections for the sharing layers. (The
-    phone recipe: tests/test_memory.py, on the export it makes anyway.)"""
+    quantizes or casts it (a slice cut as it is read; a weight kept as stored is mapped, not read),
+    and the emitter's copies of the constants wait on disk (here every one), so that not even the
+    bf16 model is held whole (E4B: 13.6 GB): the program must be the one Hugging Face's loader
+    gives, byte for byte. A bf16 checkpoint in the published layout: towers, and K/V projections for
+    the sharing layers. (The phone recipe: tests/test_memory.py, on the export it makes anyway.)"""
     directory = write_multimodal(checkpoint.build_tiny(VARIANTS[variant], torch.bfloat16), tmp_path / "checkpoint")
     options, _, _, _ = exporter.parse_args(VARIANTS[variant], ["--model", str(directory), *flags])
     lean = stored_weights.load(options.model, VARIANTS[variant], options.matformer_slice)
     assert all(p.is_meta for p in lean.model.parameters())
+    monkeypatch.setattr(lowering_shortcuts, "SPILL_MIN_BYTES", 1)
     summary = exporter.export_program(VARIANTS[variant], options, tmp_path / "lean.pte", loaded=lean)
+    monkeypatch.setattr(lowering_shortcuts, "SPILL_MIN_BYTES", 1 << 62)  # the whole program in memory
+    assert summary["constant_bytes_on_disk"] > 0.9 * program_file.layout(tmp_path / "lean.pte").constant_segment.size
+    if options.quantize == "none" and options.matformer_slice is None:
+        assert lean.weights.mapped  # kept as stored: read from the file as the emitter copies them
     whole = checkpoint.load(options.model, VARIANTS[variant], cut=options.matformer_slice)
     # In bf16, as exported: every weight once (the lm_head is the token embedding's).
     weights = {id(p): p.numel() * 2 for p in whole.model.parameters()}

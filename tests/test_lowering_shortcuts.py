@@ -4,12 +4,14 @@ never what it makes: the same program bytes with and without them, while they ar
 from __future__ import annotations
 
 import contextlib
+import hashlib
 
 import pytest
 import torch
 from torch import nn
 
 from gemma3n_executorch import lowering, lowering_shortcuts, quantize
+from gemma3n_executorch.constants_on_disk import ConstantsOnDisk
 
 
 class Block(nn.Module):
@@ -118,3 +120,30 @@ def test_weights_moved_into_the_program_a_block_at_a_time_leave_it_byte_for_byte
     moved, counts = program_bytes(shortcuts=True, release_weights=True, backend="portable")
     assert counts["weights moved a block at a time"] >= 2, counts  # both linears' weights (32 KB each)
     assert moved == plain
+
+
+def test_constants_on_disk_are_written_back_in_place_of_their_stand_ins_exactly_once(tmp_path):
+    disk = ConstantsOnDisk(tmp_path, min_bytes=1)
+    constants = [bytes(range(256)) * 4097, b"\x01" * 100]
+    stand_ins = []
+    for constant in constants:
+        spilling = disk.begin(len(constant))
+        spilling.write(constant[:5000])
+        spilling.write(constant[5000:])
+        stand_ins.append(spilling.stand_in())
+    assert [len(s) for s in stand_ins] == [len(c) for c in constants] and not any(stand_ins[0])
+    assert [disk.sha256(s).hexdigest() for s in stand_ins] == [hashlib.sha256(c).hexdigest() for c in constants]
+    assert disk.sha256(constants[1]).hexdigest() == hashlib.sha256(constants[1]).hexdigest()  # not a stand-in
+
+    def program(file):
+        for piece in (b"head", stand_ins[0], b"pad", stand_ins[1], b"tail"):
+            file.write(piece)
+
+    with open(tmp_path / "p", "wb") as file:
+        disk.writing(program)(file)
+    assert (tmp_path / "p").read_bytes() == b"head" + constants[0] + b"pad" + constants[1] + b"tail"
+    with open(tmp_path / "q", "wb") as file, pytest.raises(RuntimeError, match="1 constants kept on disk were not written"):
+        disk.writing(lambda file: file.write(stand_ins[0]))(file)  # a stand-in left out: never a file of zeros
+    with open(tmp_path / "r", "wb") as file, pytest.raises(RuntimeError, match="written into the program twice"):
+        disk.writing(lambda file: [file.write(stand_ins[0]), file.write(stand_ins[0])])(file)
+    disk.close()
