@@ -39,20 +39,39 @@ def check_tree(tree: Path) -> None:
 
 
 def save_checkpoint(model, directory: Path) -> None:
-    """The model as the published checkpoint stores it. Hugging Face builds no K/V projections
-    for the layers that reuse an earlier layer's cache (they are never computed), but the
-    published checkpoint has them and llama.cpp's loader requires them: zeros stand in."""
+    """The model as the published checkpoint stores it (write_shared_kv_stand_ins)."""
+    model.save_pretrained(directory)
+    write_shared_kv_stand_ins(directory, model.config, model.dtype)
+
+
+def write_random_checkpoint(directory: Path, config: dict) -> None:
+    """checkpoint.build_random's model of ``config`` as save_checkpoint would store it, written a
+    row block at a time (stored_weights.write_random): the model is never in memory (E4B's 13.6 GB
+    beside the converter's own did not fit in 24 GiB)."""
+    from transformers import Gemma3nTextConfig
+
+    from .stored_weights import write_random
+
+    write_random(directory, config)
+    path = directory / "config.json"
+    saved = dict(json.loads(path.read_text()), architectures=["Gemma3nForCausalLM"])  # the converter's key
+    path.write_text(json.dumps(saved, indent=1))
+    write_shared_kv_stand_ins(directory, Gemma3nTextConfig.from_json_file(path), getattr(torch, saved["dtype"]))
+
+
+def write_shared_kv_stand_ins(directory: Path, config, dtype: torch.dtype) -> None:
+    """Hugging Face builds no K/V projections for the layers that reuse an earlier layer's cache
+    (they are never computed), but the published checkpoint has them and llama.cpp's loader
+    requires them: zeros stand in."""
     from safetensors.torch import save_file
 
-    model.save_pretrained(directory)
-    config = model.config
     kv_width = config.num_key_value_heads * config.head_dim
     stand_ins = {}
     for layer in range(config.num_hidden_layers - config.num_kv_shared_layers, config.num_hidden_layers):
         prefix = f"model.layers.{layer}.self_attn."
-        stand_ins[prefix + "k_proj.weight"] = torch.zeros(kv_width, config.hidden_size, dtype=model.dtype)
-        stand_ins[prefix + "v_proj.weight"] = torch.zeros(kv_width, config.hidden_size, dtype=model.dtype)
-        stand_ins[prefix + "k_norm.weight"] = torch.zeros(config.head_dim, dtype=model.dtype)
+        stand_ins[prefix + "k_proj.weight"] = torch.zeros(kv_width, config.hidden_size, dtype=dtype)
+        stand_ins[prefix + "v_proj.weight"] = torch.zeros(kv_width, config.hidden_size, dtype=dtype)
+        stand_ins[prefix + "k_norm.weight"] = torch.zeros(config.head_dim, dtype=dtype)
     save_file(stand_ins, Path(directory) / "model-shared-kv.safetensors")
 
 

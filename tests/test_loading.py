@@ -96,6 +96,24 @@ def test_kv_projections_of_the_shared_layers_are_stored_as_published_and_ignored
         assert torch.equal(loaded.model(ids).logits, reference(ids).logits)
 
 
+def test_llama_cpp_checkpoint_written_without_the_model_is_the_saved_model(tmp_path):
+    """bench.py's llama.cpp baseline writes the random model's checkpoint a row block at a time (E4B's
+    13.6 GB in memory beside llama.cpp's converter were killed for want of memory): the same tensors,
+    stand-ins included, and the config key the converter picks its model class by."""
+    from safetensors.torch import load_file
+
+    from gemma3n_executorch import llamacpp
+
+    config = VARIANTS["e2b"].tiny_config
+    llamacpp.save_checkpoint(checkpoint.build_tiny(VARIANTS["e2b"], torch.bfloat16), tmp_path / "saved")
+    llamacpp.write_random_checkpoint(tmp_path / "written", dict(config))
+    for name in ("model.safetensors", "model-shared-kv.safetensors"):
+        saved, written = load_file(tmp_path / "saved" / name), load_file(tmp_path / "written" / name)
+        assert saved.keys() == written.keys() and all(torch.equal(saved[k], written[k]) for k in saved), name
+    configs = [json.loads((tmp_path / d / "config.json").read_text()) for d in ("saved", "written")]
+    assert configs[0]["architectures"] == configs[1]["architectures"] == ["Gemma3nForCausalLM"]
+
+
 def test_real_architectures_ship_with_the_package(tmp_path):
     """A user's clone has no ../shared/ beside it: the package alone must give the published
     architectures (E2B: 30 layers, MLP 8192; E4B: 35 layers, MLP 16384, as on the model cards)."""

@@ -186,16 +186,11 @@ def child_quality(args) -> dict:
 
 def child_export_llamacpp(args) -> dict:
     """The same weights as a Hugging Face checkpoint, then llama.cpp's bf16 GGUF, then its Q4_0."""
-    import gc
-
     from .. import llamacpp
 
     began, output = time.perf_counter(), Path(args.output)
     checkpoint, bf16 = output.with_suffix(".hf"), output.with_suffix(".bf16.gguf")
-    model = build_model(args, None)
-    llamacpp.save_checkpoint(model, checkpoint)
-    del model
-    gc.collect()
+    llamacpp.write_random_checkpoint(checkpoint, model_config(args))  # check_llama_cpp: the random model only
     llamacpp.convert(args.llama_cpp, checkpoint, bf16)
     shutil.rmtree(checkpoint)
     llamacpp.quantize(args.llama_cpp, bf16, output)
