@@ -101,7 +101,7 @@ def quality_table(report: dict) -> str:
     ]
     for r in report["records"]:
         size = "-" if r["pte_bytes"] is None else f"{r['pte_bytes'] / 1e6:.2f}"
-        lines.append(f"| {r['config']} | {size} | {number(r['relative_l2_vs_fp32'], '.3g')} "
+        lines.append(f"| {r['config']} | {size} | {number(r.get('relative_l2_vs_fp32'), '.3g')} "
                      f"| {number(r['top1_vs_fp32'], '.3f')} |")
     return "\n".join(lines)
 
@@ -125,8 +125,8 @@ def table(report: dict) -> str:
             f"| {first_prefill(r):.1f} "
             f"| {r['decode_tok_s']:.2f} | {ratios(r, baseline)} | {r['ttft_s']:.2f} | {gib(r['run_peak_rss_bytes'])} "
             f"| {gib(r.get('run_rss_file_bytes'))} / {gib(r.get('run_rss_anon_bytes'))} "
-            f"| {seconds(r['export_s'])} | {gib(r['export_peak_rss_bytes'])} | {number(r['relative_l2_vs_fp32'], '.3g')} "
-            f"| {number(r['top1_vs_fp32'], '.3f')} |")
+            f"| {seconds(r['export_s'])} | {gib(r['export_peak_rss_bytes'])} | {number(r.get('relative_l2_vs_fp32'), '.3g')} "
+            f"| {number(r.get('top1_vs_fp32'), '.3f')} |")  # a run cut short has no error columns
     return "\n".join(lines)
 
 
