@@ -295,7 +295,7 @@ def _copied_out(storage: torch.UntypedStorage, give_back: bool, disk: ConstantsO
             spilling.write((ctypes.c_char * length).from_address(source + offset))
         copied_pages_end = (source + offset + length) // mmap.PAGESIZE * mmap.PAGESIZE
         if give_back and copied_pages_end > given_back:
-            _madvise(ctypes.c_void_p(given_back), ctypes.c_size_t(copied_pages_end - given_back), mmap.MADV_DONTNEED)
+            _give_back(given_back, copied_pages_end)
             given_back = copied_pages_end
     if disk is not None:
         _state["counts"]["constant bytes kept on disk"] += size
