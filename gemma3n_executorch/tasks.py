@@ -307,9 +307,11 @@ class KVCacheLM(nn.Module):
         # whose max_seq_len is below its max_context_len for one whose positions never run out
         # (ring caches only) and would feed the next token anyway; this way it stops cleanly. The
         # token replaced could never have been fed back.
-        context_full = input_pos[-1] + 1 >= self.max_context_len
-        not_eos = torch.arange(logits.shape[-1], device=logits.device) != EOS_ID
-        return logits.masked_fill(context_full & not_eos, float("-inf"))
+        # A subtraction of one scalar and a concatenation, not a masked_fill over the vocabulary: both
+        # are XNNPACK's, where the mask was three portable kernels over 262144 entries every call.
+        context_full = (input_pos[-1:] + 1 >= self.max_context_len).unsqueeze(0)
+        masked = logits - torch.where(context_full, float("inf"), 0.0)
+        return torch.cat([masked[:, :EOS_ID], logits[:, EOS_ID:EOS_ID + 1], masked[:, EOS_ID + 1:]], dim=-1)
 
     def kv_cache_bytes(self) -> int:
         caches = [module for module in self.modules() if isinstance(module, (FloatCache, Int8Cache))]
