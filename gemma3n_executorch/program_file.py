@@ -126,6 +126,23 @@ def forward_plan(program):
     return next(plan for plan in program.execution_plan if plan.name == "forward")
 
 
+def kernel_calls(path: Path) -> list[tuple[str, list[tuple[int, ...]]]]:
+    """forward's operators outside its delegates, in the order they run: each one's name and the
+    (planned, largest) shapes of its tensor arguments."""
+    from executorch.exir.schema import KernelCall, Tensor
+
+    plan = forward_plan(read_program(path)[0])
+    calls = []
+    for chain in plan.chains:
+        for instruction in chain.instructions:
+            call = instruction.instr_args
+            if isinstance(call, KernelCall):
+                values = [plan.values[index].val for index in call.args]
+                calls.append((plan.operators[call.op_index].name,
+                              [tuple(value.sizes) for value in values if isinstance(value, Tensor)]))
+    return calls
+
+
 def planned_bytes(program) -> int:
     """The memory ExecuTorch's planner reserves for ``forward``: activations and the KV caches (the
     runtime allocates it at load time; buffer 0 is reserved and empty)."""
