@@ -308,7 +308,7 @@ class KVCacheLM(nn.Module):
         # (ring caches only) and would feed the next token anyway; this way it stops cleanly. The
         # token replaced could never have been fed back.
         # A subtraction of one scalar and a concatenation, not a masked_fill over the vocabulary: both
-        # are XNNPACK's, where the mask was three portable kernels over 262144 entries every call.
+        # are XNNPACK's, where the mask was portable kernels over the whole vocabulary, every call.
         context_full = (input_pos[-1:] + 1 >= self.max_context_len).unsqueeze(0)
         masked = logits - torch.where(context_full, float("inf"), 0.0)
         return torch.cat([masked[:, :EOS_ID], logits[:, EOS_ID:EOS_ID + 1], masked[:, EOS_ID + 1:]], dim=-1)
